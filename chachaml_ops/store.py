@@ -1,0 +1,291 @@
+"""Read a chachaml metadata DB, strictly read-only; the only place SQL lives.
+
+The DB is opened with `mode=ro` (never written, checkpointed or migrated). Scratch tables for
+joins live in SQLite's TEMP schema, which is private to this connection and on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from chachaml_ops.errors import NotSQLite, SchemaError, StoreLocked, StoreNotFound
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+REQUIRED_ARTIFACT_COLUMNS = ("id", "run_id", "name", "path", "size", "hash", "created_at")
+DEFAULT_BUSY_TIMEOUT_MS = 5000
+_BATCH = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class ArtifactRow:
+    id: str
+    run_id: str
+    name: str
+    path: str
+    size: int | None
+    hash: str | None
+    created_at: int | None  # ms since the epoch
+    run_known: bool | None  # None when the store has no runs table
+    run_status: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class DanglingVersion:
+    model_name: str
+    version: Any
+    artifact_id: str | None
+    run_id: str | None
+    stage: str | None
+
+
+def _text(raw: bytes) -> str:
+    # Paths in the DB are meant to be UTF-8; keep any other bytes losslessly.
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _bind(text: str) -> bytes:
+    # Names from disk may not be UTF-8; bind raw bytes and CAST them to TEXT in SQL, which
+    # compares byte-for-byte with what chachaml stored.
+    return os.fsencode(text)
+
+
+def _locked(exc: sqlite3.OperationalError) -> bool:
+    msg = str(exc).lower()
+    return "locked" in msg or "busy" in msg
+
+
+class Store:
+    """A read-only view of one chachaml DB. Use as a context manager."""
+
+    def __init__(self, db: Path, *, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS) -> None:
+        self.db = Path(db)
+        self.busy_timeout_ms = busy_timeout_ms
+        self._check_file()
+        uri = f"file:{quote(os.fsdecode(os.path.abspath(self.db)))}?mode=ro"
+        try:
+            self.conn = sqlite3.connect(
+                uri,
+                uri=True,
+                timeout=busy_timeout_ms / 1000,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        except sqlite3.OperationalError as exc:
+            raise StoreNotFound(
+                f"cannot open {self.db}: {exc}", "check the path and its permissions"
+            ) from exc
+        self.conn.text_factory = _text
+        self.tables: dict[str, set[str]] = {}
+        self._guard(self._read_schema)
+        self._temp_ready = False
+
+    # -- opening -------------------------------------------------------------------------
+
+    def _check_file(self) -> None:
+        try:
+            with open(self.db, "rb") as fh:
+                head = fh.read(len(SQLITE_MAGIC))
+        except FileNotFoundError:
+            raise StoreNotFound(
+                f"no database at {self.db}", "pass --db PATH to a chachaml.db"
+            ) from None
+        except IsADirectoryError:
+            raise NotSQLite(f"{self.db} is a directory, not a SQLite file") from None
+        except OSError as exc:
+            raise StoreNotFound(f"cannot read {self.db}: {exc.strerror}") from None
+        if head != SQLITE_MAGIC:
+            raise NotSQLite(
+                f"{self.db} is not a SQLite database",
+                "pass --db PATH to the chachaml metadata DB (usually chachaml.db)",
+            )
+
+    def _guard(self, fn, *args):
+        try:
+            return fn(*args)
+        except sqlite3.OperationalError as exc:
+            if _locked(exc):
+                raise StoreLocked(
+                    f"{self.db} stayed locked for {self.busy_timeout_ms} ms",
+                    "another process holds an exclusive lock; retry later or raise --busy-timeout",
+                ) from exc
+            raise NotSQLite(f"cannot read {self.db}: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            raise NotSQLite(f"cannot read {self.db}: {exc}") from exc
+
+    def _read_schema(self) -> None:
+        names = [
+            r[0]
+            for r in self.conn.execute(
+                "SELECT name FROM sqlite_schema WHERE type IN ('table','view')"
+            )
+        ]
+        for name in names:
+            cols = {r[1] for r in self.conn.execute(f'PRAGMA table_info("{name}")')}
+            self.tables[name] = cols
+        if "artifacts" not in self.tables:
+            raise SchemaError(
+                f"{self.db} has no 'artifacts' table: not a chachaml store",
+                "point --db at the chachaml metadata DB",
+            )
+        missing = [c for c in REQUIRED_ARTIFACT_COLUMNS if c not in self.tables["artifacts"]]
+        if missing:
+            raise SchemaError(
+                f"{self.db}: table 'artifacts' lacks column(s) {', '.join(missing)}",
+                "this chachaml schema is not understood; upgrade chachaml-ops",
+            )
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def has_runs(self) -> bool:
+        return "id" in self.tables.get("runs", ())
+
+    @property
+    def has_model_versions(self) -> bool:
+        return {"artifact_id", "model_name", "version"} <= self.tables.get("model_versions", set())
+
+    # -- reading -------------------------------------------------------------------------
+
+    def _run_filter(self, run_ids: Iterable[str], alias: str = "a") -> tuple[str, list[bytes]]:
+        ids = [_bind(r) for r in run_ids]
+        if not ids:
+            return "", []
+        marks = ",".join("CAST(? AS TEXT)" for _ in ids)
+        return f" WHERE {alias}.run_id IN ({marks})", ids
+
+    def totals(self, run_ids: Iterable[str] = ()) -> tuple[int, int]:
+        """(row count, sum of recorded sizes)."""
+        where, args = self._run_filter(run_ids)
+        sql = f"SELECT count(*), coalesce(sum(a.size), 0) FROM artifacts a{where}"
+        return self._guard(lambda: tuple(self.conn.execute(sql, args).fetchone()))
+
+    def iter_artifacts(self, run_ids: Iterable[str] = ()) -> Iterator[ArtifactRow]:
+        """Every artifact row, streamed (memory does not grow with the row count)."""
+        where, args = self._run_filter(run_ids)
+        if self.has_runs:
+            status = "r.status" if "status" in self.tables["runs"] else "NULL"
+            sql = (
+                "SELECT a.id, a.run_id, a.name, a.path, a.size, a.hash, a.created_at,"
+                f" r.id IS NOT NULL, {status}"
+                f" FROM artifacts a LEFT JOIN runs r ON r.id = a.run_id{where}"
+            )
+        else:
+            sql = (
+                "SELECT a.id, a.run_id, a.name, a.path, a.size, a.hash, a.created_at, NULL, NULL"
+                f" FROM artifacts a{where}"
+            )
+        cursor = self._guard(self.conn.execute, sql, args)
+        while True:
+            batch = self._guard(cursor.fetchmany, _BATCH)
+            if not batch:
+                return
+            for r in batch:
+                yield ArtifactRow(
+                    id=str(r[0]),
+                    run_id=str(r[1]),
+                    name=str(r[2]),
+                    path=r[3] if isinstance(r[3], str) else str(r[3] or ""),
+                    size=r[4] if isinstance(r[4], int) else None,
+                    hash=r[5].lower() if isinstance(r[5], str) else None,
+                    created_at=r[6] if isinstance(r[6], int) else None,
+                    run_known=None if r[7] is None else bool(r[7]),
+                    run_status=r[8],
+                )
+
+    def iter_dangling_model_versions(self) -> Iterator[DanglingVersion]:
+        if not self.has_model_versions:
+            return
+        cols = self.tables["model_versions"]
+        run = "mv.run_id" if "run_id" in cols else "NULL"
+        stage = "mv.stage" if "stage" in cols else "NULL"
+        sql = (
+            f"SELECT mv.model_name, mv.version, mv.artifact_id, {run}, {stage}"
+            " FROM model_versions mv"
+            " WHERE mv.artifact_id IS NOT NULL"
+            " AND NOT EXISTS (SELECT 1 FROM artifacts a WHERE a.id = mv.artifact_id)"
+        )
+        for r in self._guard(lambda: self.conn.execute(sql).fetchall()):
+            yield DanglingVersion(*r)
+
+    def run_status(self, run_id: str) -> tuple[bool, str | None]:
+        """(whether the store still knows this run, its status if the runs table has it).
+
+        A run is known by its runs row or its artifact rows. model_versions is not asked:
+        retention leaves those rows pointing at runs it deleted.
+        """
+        if self.has_runs:
+            status = "status" if "status" in self.tables["runs"] else "NULL"
+            sql = f"SELECT {status} FROM runs WHERE id = CAST(? AS TEXT)"
+            row = self._guard(lambda: self.conn.execute(sql, (_bind(run_id),)).fetchone())
+            if row is not None:
+                return True, row[0]
+        sql = "SELECT 1 FROM artifacts WHERE run_id = CAST(? AS TEXT) LIMIT 1"
+        known = self._guard(lambda: self.conn.execute(sql, (_bind(run_id),)).fetchone())
+        return known is not None, None
+
+    def has_row_for(self, run_id: str, name: str) -> bool:
+        """Live re-check, used right before a file is moved: does a row claim it now?"""
+        sql = (
+            "SELECT 1 FROM artifacts WHERE run_id = CAST(? AS TEXT)"
+            " AND name = CAST(? AS TEXT) LIMIT 1"
+        )
+        args = (_bind(run_id), _bind(name))
+        return self._guard(lambda: self.conn.execute(sql, args).fetchone()) is not None
+
+    # -- scratch space for joins ---------------------------------------------------------
+
+    def _ensure_temp(self) -> None:
+        if self._temp_ready:
+            return
+        self.conn.executescript(
+            "PRAGMA temp_store = FILE;"
+            "CREATE TEMP TABLE refs (path BLOB PRIMARY KEY) WITHOUT ROWID;"
+            "CREATE TEMP TABLE seen (path BLOB PRIMARY KEY, type TEXT) WITHOUT ROWID;"
+        )
+        self._temp_ready = True
+
+    # Scratch paths are stored as BLOBs of the raw file-name bytes, so names that are not
+    # UTF-8 compare exactly and never fail to encode.
+    def add_refs(self, paths: Iterable[str]) -> None:
+        self._ensure_temp()
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO temp.refs VALUES (?)", ((os.fsencode(p),) for p in paths)
+        )
+
+    def add_seen(self, entries: Iterable[tuple[str, str]]) -> None:
+        self._ensure_temp()
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO temp.seen VALUES (?, ?)",
+            ((os.fsencode(p), t) for p, t in entries),
+        )
+
+    def iter_unreferenced(self) -> Iterator[tuple[str, str]]:
+        """Files seen on disk that no row references: (relpath, type)."""
+        self._ensure_temp()
+        cursor = self.conn.execute(
+            "SELECT s.path, s.type FROM temp.seen s"
+            " WHERE NOT EXISTS (SELECT 1 FROM temp.refs r WHERE r.path = s.path)"
+        )
+        while batch := cursor.fetchmany(_BATCH):
+            for path, kind in batch:
+                yield os.fsdecode(path), kind
+
+    def reset_scratch(self) -> None:
+        if self._temp_ready:
+            self.conn.executescript("DELETE FROM temp.refs; DELETE FROM temp.seen;")
+
+    def describe(self) -> dict[str, Any]:
+        return {"db": str(self.db), "sqlite_version": sqlite3.sqlite_version}
