@@ -1,0 +1,142 @@
+"""This tool's own small state: where it lives, per-store locks, and a SQLite of job history.
+
+Never the chachaml DB: everything here is under the state dir ($STATE_DIRECTORY under
+systemd, else the XDG state dir), so the user's store stays read-only.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from chachaml_ops.errors import OpsError
+
+
+class StoreBusy(OpsError):
+    """Another chachaml-ops job holds this store's lock."""
+
+
+def default_state_dir() -> Path:
+    """$STATE_DIRECTORY (systemd), else $XDG_STATE_HOME/chachaml-ops, else ~/.local/state."""
+    systemd = os.environ.get("STATE_DIRECTORY")
+    if systemd:
+        return Path(systemd.split(":")[0])
+    xdg = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(xdg) / "chachaml-ops"
+
+
+def store_key(db: Path) -> str:
+    """A stable, file-name-safe key for a store: its resolved DB path, hashed."""
+    resolved = os.path.realpath(os.fspath(db))
+    return hashlib.sha256(os.fsencode(resolved)).hexdigest()[:16]
+
+
+@contextmanager
+def store_lock(
+    state_dir: Path, db: Path, *, wait: float | None = 0.0, holder: str = "chachaml-ops"
+) -> Iterator[Path]:
+    """Hold the one-job-per-store lock. `wait`: seconds to wait (None: forever, 0: not at all).
+
+    An flock on a file in the state dir: released by the kernel if the holder dies, so a
+    kill -9 never leaves a stale lock behind.
+    """
+    locks = Path(state_dir) / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    path = locks / f"{store_key(db)}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        deadline = None if wait is None else time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                if deadline is not None and time.monotonic() >= deadline:
+                    other = os.pread(fd, 512, 0).decode("utf-8", "replace").strip()
+                    raise StoreBusy(
+                        f"another chachaml-ops job is working on {db}"
+                        + (f" ({other})" if other else ""),
+                        "wait for it to finish, or pass --wait SECONDS",
+                    ) from None
+                time.sleep(0.1)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{holder} pid {os.getpid()}".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # closing drops the flock
+
+
+STATE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS job_runs (
+  store TEXT NOT NULL, job TEXT NOT NULL, started REAL NOT NULL, finished REAL,
+  exit_code INTEGER, summary TEXT);
+CREATE INDEX IF NOT EXISTS job_runs_by_store ON job_runs (store, job, started);
+"""
+
+
+@dataclass(frozen=True)
+class JobRun:
+    store: str
+    job: str
+    started: float
+    finished: float | None
+    exit_code: int | None
+    summary: dict[str, Any]
+
+
+class StateDB:
+    """chachaml-ops' own SQLite in the state dir: job history (and, later, verify marks)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = Path(state_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(self.dir / "state.db", isolation_level=None, timeout=30)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.executescript(STATE_SCHEMA)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> StateDB:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def record_job(
+        self,
+        store: str,
+        job: str,
+        started: float,
+        finished: float,
+        exit_code: int,
+        summary: dict[str, Any],
+    ) -> None:
+        self.conn.execute(
+            "INSERT INTO job_runs VALUES (?, ?, ?, ?, ?, ?)",
+            (store, job, started, finished, exit_code, json.dumps(summary)),
+        )
+
+    def last_job(self, store: str, job: str, *, success: bool = False) -> JobRun | None:
+        """The latest run of a job; with success=True the latest that could check (exit < 3)."""
+        cond = " AND exit_code < 3" if success else ""
+        row = self.conn.execute(
+            "SELECT store, job, started, finished, exit_code, summary FROM job_runs"
+            f" WHERE store = ? AND job = ?{cond} ORDER BY started DESC LIMIT 1",
+            (store, job),
+        ).fetchone()
+        if row is None:
+            return None
+        return JobRun(*row[:5], json.loads(row[5] or "{}"))
