@@ -58,10 +58,10 @@ class CliResult:
         return json.loads(self.stdout)
 
 
-def run_cli(*args: str | os.PathLike, timeout: float = 60, **kw) -> CliResult:
-    """Run `python -m chachaml_ops ARGS` as a real process."""
+def run_cli(*args: str | os.PathLike, timeout: float = 60, prefix=(), **kw) -> CliResult:
+    """Run `python -m chachaml_ops ARGS` as a real process (optionally under `prefix`)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "chachaml_ops", *map(str, args)],
+        [*prefix, sys.executable, "-m", "chachaml_ops", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=timeout,
