@@ -295,9 +295,8 @@ def demo(directory: Path, scale: float, seed: int, clean: bool):
     store = make_store(directory, () if clean else ALL_FAULTS, seed=seed, scale=scale)
     total = sum(f.stat().st_size for f in store.artifact_dir.rglob("*") if f.is_file())
     click.echo(
-        f"Built {store.db} with {len(store.runs) + ('retention_leftover' in ALL_FAULTS)}"
-        f" runs and {len(store.artifacts)} artifacts ({human_bytes(total)}) "
-        f"in {store.artifact_dir}"
+        f"Built {store.db}: {len(store.runs)} runs, {len(store.artifacts)} artifact rows, "
+        f"{human_bytes(total)} in {store.artifact_dir}"
     )
     if store.planted:
         click.echo(f"Planted {len(store.planted)} faults, each a finding verify must report:")
@@ -311,10 +310,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         rv = cli.main(args=argv, prog_name="chachaml-ops", standalone_mode=False)
     except click.exceptions.UsageError as exc:
-        exc.show()
+        where = exc.ctx.command_path if exc.ctx else "chachaml-ops"
+        click.echo(f"Error: {exc.format_message()}; see '{where} --help'", err=True)
         sys.exit(EXIT_CANNOT_CHECK)
     except click.exceptions.ClickException as exc:
-        exc.show()
+        click.echo(f"Error: {exc.format_message()}", err=True)
         sys.exit(EXIT_CANNOT_CHECK)
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
