@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from chachaml_ops import __version__, logs
-from chachaml_ops.errors import EXIT_CANNOT_CHECK, EXIT_ERRORS, OpsError, UsageError
+from chachaml_ops.errors import EXIT_CANNOT_CHECK, OpsError, UsageError
 from chachaml_ops.layout import derive_artifact_dir
 from chachaml_ops.report import Report, human_bytes, render_json, render_text
 from chachaml_ops.store import DEFAULT_BUSY_TIMEOUT_MS, Store
@@ -123,7 +123,7 @@ class _Progress:
         left = max(stats.bytes_total - stats.bytes_hashed, 0)
         eta = f"{left / rate:.0f}s" if rate > 0 else "?"
         sys.stderr.write(
-            f"\r{stats.files_hashed}/{stats.rows_total} files  "
+            f"\r{stats.rows}/{stats.rows_total} rows  "
             f"{human_bytes(stats.bytes_hashed)}/{human_bytes(stats.bytes_total)}  "
             f"{human_bytes(rate)}/s  ETA {eta}   "
         )
@@ -135,11 +135,26 @@ class _Progress:
             sys.stderr.flush()
 
 
+def _colour() -> bool:
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+
 def _emit(report: Report, as_json: bool, **text_opts) -> None:
     if as_json:
         click.echo(render_json(report))
     else:
-        click.echo(render_text(report, colour=sys.stdout.isatty(), **text_opts), nl=False)
+        click.echo(render_text(report, colour=_colour(), **text_opts), nl=False)
+
+
+def _check_runs(store: Store, artifact_dir: Path, runs: tuple[str, ...]) -> None:
+    """A mistyped --run must not look like a clean store."""
+    for run_id in runs:
+        known, _ = store.run_status(run_id)
+        if not known and not os.path.lexists(artifact_dir / run_id):
+            raise UsageError(
+                f"no run {run_id!r} in {store.db} or {artifact_dir}",
+                "pass a full run id (run ids are UUIDs: the folder names under the artifact dir)",
+            )
 
 
 @cli.command()
@@ -160,7 +175,7 @@ def _emit(report: Report, as_json: bool, **text_opts) -> None:
     metavar="RUN_ID",
     help="Only these runs (repeatable). Skips registry checks.",
 )
-@click.option("--quick", is_flag=True, help="Presence and size only; no hashing.")
+@click.option("--quick", is_flag=True, help="Presence, type and size only; no hashing.")
 @click.option(
     "--subset",
     type=SubsetType(),
@@ -186,6 +201,10 @@ def verify(db, artifact_dir, busy_timeout, as_json, jobs, runs, quick, subset, m
     Example:
       chachaml-ops verify --db /srv/ml/chachaml.db --json > report.json
     """
+    if quick and subset:
+        raise UsageError(
+            "--quick hashes nothing, so --subset has nothing to select", "drop one of them"
+        )
     opts = CheckOptions(
         hash=not quick,
         jobs=jobs,
@@ -195,11 +214,21 @@ def verify(db, artifact_dir, busy_timeout, as_json, jobs, runs, quick, subset, m
         drop_cache=drop_cache,
     )
     progress = _Progress()
+    log = logs.get_logger(store=str(db), job="verify")
     with Store(db, busy_timeout_ms=busy_timeout) as store:
+        _check_runs(store, artifact_dir, opts.run_ids)
+        log.info(
+            "verify_started",
+            artifact_dir=str(artifact_dir),
+            quick=quick,
+            jobs=jobs,
+            subset=str(subset) if subset else None,
+        )
         try:
             report = run_check(store, artifact_dir, opts, progress=progress)
         finally:
             progress.done()
+    log.info("verify_finished", exit_code=report.exit_code(), **report.counts(), **report.stats)
     _emit(report, as_json)
     sys.exit(report.exit_code())
 
@@ -214,7 +243,9 @@ def verify(db, artifact_dir, busy_timeout, as_json, jobs, runs, quick, subset, m
     show_default=True,
     help="Grace period: younger files are in flight and never moved.",
 )
-@click.option("--run", "runs", multiple=True, metavar="RUN_ID", help="Only these run folders.")
+@click.option(
+    "--run", "runs", multiple=True, metavar="RUN_ID", help="Only these run folders (repeatable)."
+)
 @click.option(
     "--quarantine",
     type=click.Path(path_type=Path),
@@ -251,36 +282,47 @@ def orphans(
     )
 
     if quarantine and delete:
-        raise UsageError("--quarantine and --delete exclude each other")
+        raise UsageError("--quarantine and --delete exclude each other", "choose one")
+    if yes and not delete:
+        raise UsageError("--yes only confirms --delete", "add --delete, or drop --yes")
     if delete and not yes:
         raise UsageError("--delete removes files for good", "add --yes to confirm")
     if quarantine:
         quarantine = check_quarantine_dir(quarantine, artifact_dir)
+    log = logs.get_logger(store=str(db), job="orphans")
     with Store(db, busy_timeout_ms=busy_timeout) as store:
+        _check_runs(store, artifact_dir, tuple(runs))
         report = find_orphans(store, artifact_dir, min_age, tuple(runs))
+        log.info("orphans_found", **report.stats)
         if quarantine or delete:
             plan, spared = plan_removal(report.findings, include_running=include_running)
             report.actions = spared + apply_removal(
                 store, artifact_dir, plan, quarantine=quarantine, min_age=min_age
             )
     _emit(report, as_json)
-    failed = any(a["action"] == "failed" for a in report.actions)
-    sys.exit(EXIT_ERRORS if failed else report.exit_code())
+    sys.exit(report.exit_code())
 
 
 @cli.command()
 @click.argument("directory", type=click.Path(path_type=Path), default=Path("demo"))
 @click.option(
     "--scale",
-    type=click.FloatRange(0.001, 100),
+    type=click.FloatRange(0.001, 20),
     default=1.0,
     show_default=True,
     help="Multiply artifact sizes (0.01 for a tiny store).",
 )
-@click.option("--seed", type=int, default=7, show_default=True)
+@click.option(
+    "--seed",
+    type=int,
+    default=7,
+    show_default=True,
+    help="Random seed: the same seed and scale build the same store.",
+)
 @click.option("--clean", is_flag=True, help="Plant no faults.")
 def demo(directory: Path, scale: float, seed: int, clean: bool):
-    """Build a realistic chachaml store in DIRECTORY with one of each real-world fault.
+    """Build a realistic chachaml store in DIRECTORY (default: ./demo) with one of each
+    real-world fault.
 
     \b
     Example:
@@ -292,7 +334,13 @@ def demo(directory: Path, scale: float, seed: int, clean: bool):
         raise UsageError(
             f"{directory / 'chachaml.db'} already exists", "choose an empty folder or remove it"
         )
-    store = make_store(directory, () if clean else ALL_FAULTS, seed=seed, scale=scale)
+    try:
+        store = make_store(directory, () if clean else ALL_FAULTS, seed=seed, scale=scale)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot build a store in {directory}: {exc.strerror}",
+            "choose a writable, empty folder",
+        ) from exc
     total = sum(f.stat().st_size for f in store.artifact_dir.rglob("*") if f.is_file())
     click.echo(
         f"Built {store.db}: {len(store.runs)} runs, {len(store.artifacts)} artifact rows, "
@@ -309,9 +357,13 @@ def demo(directory: Path, scale: float, seed: int, clean: bool):
 def main(argv: list[str] | None = None) -> None:
     try:
         rv = cli.main(args=argv, prog_name="chachaml-ops", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        click.echo(exc.ctx.get_help() if exc.ctx else "chachaml-ops --help")
+        sys.exit(0)
     except click.exceptions.UsageError as exc:
         where = exc.ctx.command_path if exc.ctx else "chachaml-ops"
-        click.echo(f"Error: {exc.format_message()}; see '{where} --help'", err=True)
+        message = exc.format_message().rstrip(".")
+        click.echo(f"Error: {message}; see '{where} --help'", err=True)
         sys.exit(EXIT_CANNOT_CHECK)
     except click.exceptions.ClickException as exc:
         click.echo(f"Error: {exc.format_message()}", err=True)

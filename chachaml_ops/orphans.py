@@ -108,7 +108,7 @@ def check_quarantine_dir(dest: Path, artifact_dir: Path) -> Path:
             "choose a folder outside it, or its files will look like orphans",
         )
     if dest.exists() and not dest.is_dir():
-        raise UsageError(f"quarantine dir {dest} is not a folder")
+        raise UsageError(f"quarantine dir {dest} is not a folder", "choose a folder path")
     return dest
 
 

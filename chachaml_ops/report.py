@@ -125,7 +125,13 @@ class Report:
         return {str(s): counted[str(s)] for s in Severity}
 
     def exit_code(self) -> int:
+        """The findings' exit code; 2 if an action the operator asked for failed."""
+        if any(a.get("action") == "failed" for a in self.actions):
+            return EXIT_ERRORS
         return exit_code_for(self.findings)
+
+    def action_counts(self) -> dict[str, int]:
+        return dict(Counter(a["action"] for a in self.actions))
 
     def to_json(self) -> dict[str, Any]:
         summary = {
@@ -134,6 +140,8 @@ class Report:
             "by_kind": self.counts(),
             **self.stats,
         }
+        if self.actions:
+            summary["actions"] = self.action_counts()
         doc: dict[str, Any] = {
             "schema": SCHEMA_VERSION,
             "command": self.command,
@@ -142,7 +150,9 @@ class Report:
             "findings": [f.to_json() for f in self.findings],
         }
         if self.actions:
-            doc["actions"] = self.actions
+            doc["actions"] = [
+                {**a, **path_fields(a["path"])} if a.get("path") else a for a in self.actions
+            ]
         return doc
 
 
@@ -176,16 +186,25 @@ def human_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+_LABELS = {
+    "duration_s": ("duration", lambda v: f"{v:.2f}s"),
+    "hash_rate_mib_s": ("hash rate", lambda v: f"{v:.0f} MiB/s"),
+    "min_age_s": ("grace period (--min-age)", lambda v: human_duration(v)),
+    "runs": ("runs", lambda v: ", ".join(v)),
+}
+
+
 def _label(key: str) -> str:
-    for suffix, unit in (("_s", " (s)"), ("_mib_s", " (MiB/s)")):
-        if key.endswith(suffix):
-            key = key[: -len(suffix)] + unit
-    return key.replace("_", " ")
+    return _LABELS[key][0] if key in _LABELS else key.replace("_", " ")
 
 
 def _stat_value(key: str, value: Any) -> str:
+    if key in _LABELS:
+        return _LABELS[key][1](value)
     if key.endswith("bytes") and isinstance(value, int):
-        return f"{value} ({human_bytes(value)})"
+        return f"{human_bytes(value)} ({value} bytes)" if value >= 1024 else f"{value} bytes"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v}" for k, v in value.items())
     return str(value)
 
 
@@ -221,7 +240,11 @@ def render_text(report: Report, *, colour: bool = False, max_per_kind: int | Non
     lines.append(f"{report.command}: {store.get('db')}")
     lines.append(f"  artifacts: {store.get('artifact_dir')}")
     for key, value in report.stats.items():
+        if key == "hash_rate_mib_s" and not report.stats.get("bytes_hashed"):
+            continue
         lines.append(f"  {_label(key)}: {_stat_value(key, value)}")
+    if report.actions:
+        lines.append(f"  actions: {_stat_value('actions', report.action_counts())}")
     sev = report.severity_counts()
     lines.append(
         f"  findings: {sev['error']} error(s), {sev['warning']} warning(s), {sev['info']} info"
@@ -238,7 +261,10 @@ def render_text(report: Report, *, colour: bool = False, max_per_kind: int | Non
         lines.append(_paint(f"{kind} ({severity}): {len(group)}", severity, colour))
         shown = group if max_per_kind is None else group[:max_per_kind]
         for f in shown:
-            ident = f" [artifact {f.artifact_id}]" if f.artifact_id else ""
+            if f.path is None:  # registry findings: the detail names what is wrong
+                lines.append(f"  {f.detail}")
+                continue
+            ident = f"  (artifact {f.artifact_id})" if f.artifact_id else ""
             lines.append(f"  {display_path(f.path)}{ident}")
             if f.detail:
                 lines.append(f"      {f.detail}")
@@ -246,10 +272,12 @@ def render_text(report: Report, *, colour: bool = False, max_per_kind: int | Non
                 lines.append("      " + _file_facts(f.extra))
         if len(shown) < len(group):
             lines.append(f"  ... and {len(group) - len(shown)} more (use --json for all)")
+    if report.actions:
+        lines.append("")
     for action in report.actions:
         target = f" -> {action['to']}" if action.get("to") else ""
         reason = f" ({action['reason']})" if action.get("reason") else ""
-        lines.append(f"{action['action']}: {action['path']}{target}{reason}")
+        lines.append(f"{action['action']}: {display_path(action['path'])}{target}{reason}")
     if not report.findings:
         lines.append("")
         lines.append("No problems found.")

@@ -96,7 +96,10 @@ class Store:
                 f"no database at {self.db}", "pass --db PATH to a chachaml.db"
             ) from None
         except IsADirectoryError:
-            raise NotSQLite(f"{self.db} is a directory, not a SQLite file") from None
+            raise NotSQLite(
+                f"{self.db} is a directory, not a SQLite file",
+                "pass --db PATH to the chachaml.db file inside it",
+            ) from None
         except OSError as exc:
             raise StoreNotFound(f"cannot read {self.db}: {exc.strerror}") from None
         if head != SQLITE_MAGIC:

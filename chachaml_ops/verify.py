@@ -30,7 +30,7 @@ from chachaml_ops.layout import (
     run_folder_of,
     split_run_name,
 )
-from chachaml_ops.report import Finding, Report, iso_time
+from chachaml_ops.report import Finding, Report, human_duration, iso_time
 from chachaml_ops.scan import ScanProblem, scan_tree
 from chachaml_ops.store import ArtifactRow, Store
 
@@ -424,7 +424,7 @@ def classify_unreferenced(
         return Finding(
             "in_flight",
             relpath,
-            f"no row yet, written {age:.0f}s ago (grace period {min_age:.0f}s)",
+            f"no row yet, younger than the grace period ({human_duration(min_age)}); left alone",
             None,
             run_id,
             extra,

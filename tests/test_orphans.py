@@ -145,3 +145,24 @@ def test_file_that_gains_a_row_after_the_scan_is_not_moved(store, tmp_path):
 def test_quarantine_inside_artifact_dir_is_refused(store):
     result = run_cli("orphans", "--db", store.db, "--quarantine", store.artifact_dir / "q")
     assert result.code == 3 and "inside the artifact dir" in result.stderr
+
+
+def test_a_failed_move_is_reported_and_exits_2(store, tmp_path):
+    quarantine = tmp_path / "q"
+    crash = next(p for k, p in store.expected() if k == "orphan_file" and "epoch-3" in p)
+    blocker = quarantine / crash.split("/")[0]
+    blocker.parent.mkdir()
+    blocker.write_text("a file where the run folder should go")
+    result = run_cli("orphans", "--db", store.db, "--quarantine", quarantine, "--json")
+    doc = result.json()
+    failed = [a for a in doc["actions"] if a["action"] == "failed"]
+    assert [a["path"] for a in failed] == [crash]
+    assert result.code == 2 and doc["summary"]["exit_code"] == 2
+    assert doc["summary"]["actions"]["failed"] == 1
+    assert (store.artifact_dir / crash).exists()
+
+
+def test_unknown_run_id_is_a_usage_error_not_a_clean_pass(store):
+    for command in ("verify", "orphans"):
+        result = run_cli(command, "--db", store.db, "--run", "0b35cf76")
+        assert result.code == 3 and "no run '0b35cf76'" in result.stderr
