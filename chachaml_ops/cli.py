@@ -16,8 +16,8 @@ import click
 
 from chachaml_ops import __version__, logs
 from chachaml_ops.errors import EXIT_CANNOT_CHECK, OpsError, UsageError
-from chachaml_ops.layout import derive_artifact_dir
-from chachaml_ops.report import Report, human_bytes, render_json, render_text
+from chachaml_ops.layout import UnsafePath, check_run_id, derive_artifact_dir
+from chachaml_ops.report import Report, human_bytes, render_text, write_json
 from chachaml_ops.store import DEFAULT_BUSY_TIMEOUT_MS, Store
 from chachaml_ops.units import parse_duration
 from chachaml_ops.verify import CheckOptions, CheckStats, Subset, run_check
@@ -56,7 +56,7 @@ def store_options(fn):
     @click.option(
         "--db",
         "db",
-        type=click.Path(path_type=Path),
+        type=click.Path(path_type=Path, readable=False),
         default=Path("chachaml.db"),
         show_default=True,
         help="The chachaml metadata DB (opened read-only).",
@@ -77,6 +77,8 @@ def store_options(fn):
     )
     @functools.wraps(fn)
     def wrapper(db: Path, artifact_dir: Path | None, busy_timeout: int, **kwargs):
+        if not db.name:
+            raise UsageError(f"--db {str(db)!r} names no file", "pass --db PATH to a chachaml.db")
         return fn(
             db=db,
             artifact_dir=artifact_dir or derive_artifact_dir(db),
@@ -141,14 +143,20 @@ def _colour() -> bool:
 
 def _emit(report: Report, as_json: bool, **text_opts) -> None:
     if as_json:
-        click.echo(render_json(report))
+        out = click.get_text_stream("stdout")
+        write_json(report, out)
+        out.flush()
     else:
         click.echo(render_text(report, colour=_colour(), **text_opts), nl=False)
 
 
 def _check_runs(store: Store, artifact_dir: Path, runs: tuple[str, ...]) -> None:
-    """A mistyped --run must not look like a clean store."""
+    """A mistyped --run must not look like a clean store, nor name a folder outside a run."""
     for run_id in runs:
+        try:
+            check_run_id(run_id)
+        except UnsafePath as exc:
+            raise UsageError(f"--run {exc}", "pass a run id, e.g. the folder name") from None
         known, _ = store.run_status(run_id)
         if not known and not os.path.lexists(artifact_dir / run_id):
             raise UsageError(

@@ -50,3 +50,7 @@ class ArtifactDirMissing(OpsError):
 
 class UsageError(OpsError):
     pass
+
+
+class ScratchFull(OpsError):
+    pass

@@ -11,6 +11,8 @@ import os
 import stat
 from dataclasses import dataclass
 
+from chachaml_ops.layout import confined
+
 CHUNK = 1 << 20
 _SMALL = 1 << 20
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -20,6 +22,10 @@ class NotRegularFile(OSError):
     pass
 
 
+class OutsideTree(OSError):
+    """The open descriptor is not where the path said: a folder on the way was a symlink."""
+
+
 @dataclass(frozen=True, slots=True)
 class Digest:
     sha256: str
@@ -27,14 +33,24 @@ class Digest:
 
 
 def sha256_file(
-    path: bytes | str, *, expected_size: int | None = None, drop_cache: bool = False
+    path: bytes,
+    *,
+    expected_size: int | None = None,
+    drop_cache: bool = False,
+    confine: bool = False,
 ) -> Digest:
-    """Hash a regular file. Raises OSError (incl. NotRegularFile) when it cannot be read."""
+    """Hash a regular file. Raises OSError (NotRegularFile, OutsideTree, ...) when it cannot.
+
+    With `confine`, `path` must be a real path (no symlinks anywhere) and the opened file must
+    be exactly there, so nothing outside the artifact tree is ever read.
+    """
     fd = os.open(path, _OPEN_FLAGS)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise NotRegularFile(0, "not a regular file")
+        if confine and not confined(fd, path):
+            raise OutsideTree(0, "reached through a symlinked folder")
         h = hashlib.sha256()
         total = 0
         if st.st_size <= _SMALL and (expected_size is None or expected_size <= _SMALL):

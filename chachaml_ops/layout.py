@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -72,57 +72,74 @@ def file_type(mode: int) -> str:
     return "unknown"
 
 
-class NotPlainParent(Exception):
-    """A parent folder of an artifact is a symlink or not a folder."""
+def check_run_id(run_id: str) -> str:
+    """A --run value must name one folder directly under the artifact dir."""
+    if run_id in ("", ".", "..") or "/" in run_id or "\x00" in run_id:
+        raise UnsafePath(f"{run_id!r} is not a run id (one folder name, no '/', not '.' or '..')")
+    return run_id
+
+
+def prefixes(relpath: str) -> list[tuple[str, str]]:
+    """Every (run_id, name) split of a relative path, shortest run id first.
+
+    Run ids are UUIDs in practice, but a run id containing '/' must still be matched.
+    """
+    parts = relpath.split("/")
+    return [("/".join(parts[:i]), "/".join(parts[i:])) for i in range(1, len(parts))]
 
 
 @dataclass
 class ArtifactTree:
-    """The artifact dir, with a cache of parent folders already checked to be real folders.
+    """The artifact dir, resolved once, with a cache of parent folders checked to be real.
 
-    Artifacts are read with O_NOFOLLOW on the last component; this cache covers the parents,
-    so a run folder replaced by a symlink is never followed out of the tree.
+    The root itself may be a symlink (operators relocate artifact dirs); nothing below it may.
+    Files are opened with O_NOFOLLOW and then confined: `confined()` asks the kernel where an
+    open descriptor really is, so a run folder swapped for a symlink mid-run is caught.
     """
 
     root: Path
-    _checked: dict[str, bool | None] | None = None
+    _checked: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.root_b = os.fsencode(self.root)
-        self._checked = {}
+        self.root_b = os.fsencode(os.path.realpath(self.root))
 
     def abspath(self, relpath: str) -> bytes:
         return self.root_b + b"/" + os.fsencode(relpath)
 
     def parent_state(self, relpath: str) -> str:
-        """'ok', 'missing', or 'not_plain' for the folders between the root and the file."""
+        """'ok', 'missing', 'not_plain' or 'unreadable' for the folders above the file."""
         parent, _, _ = relpath.rpartition("/")
         if not parent:
             return "ok"
-        cache = self._checked
-        assert cache is not None
-        known = cache.get(parent)
-        if known is None and parent not in cache:
-            known = self._check_parent(parent)
-            if len(cache) > 4096:
-                cache.clear()
-            cache[parent] = known
-        if known is None:
-            return "missing"
-        return "ok" if known else "not_plain"
+        state = self._checked.get(parent)
+        if state is None:
+            state = self._check_parent(parent)
+            if len(self._checked) > 4096:
+                self._checked.clear()
+            self._checked[parent] = state
+        return state
 
-    def _check_parent(self, parent: str) -> bool | None:
+    def _check_parent(self, parent: str) -> str:
         current = self.root_b
         for part in parent.split("/"):
             current = current + b"/" + os.fsencode(part)
             try:
                 st = os.lstat(current)
             except (FileNotFoundError, NotADirectoryError):
-                return None
+                return "missing"
+            except OSError:
+                return "unreadable"
             if not stat.S_ISDIR(st.st_mode):
-                return False
-        return True
+                return "not_plain"
+        return "ok"
 
-    def forget(self) -> None:
-        assert self._checked is not None
-        self._checked.clear()
+
+def confined(fd: int, expected: bytes) -> bool:
+    """Whether an open descriptor is the file at `expected` (a real path with no links).
+
+    Uses /proc/self/fd; where /proc is missing, the O_NOFOLLOW open is all we have.
+    """
+    try:
+        return os.readlink(b"/proc/self/fd/%d" % fd) == expected
+    except OSError:
+        return True

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import stat
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -19,12 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from chachaml_ops.errors import UsageError
-from chachaml_ops.layout import file_type, run_folder_of, split_run_name
+from chachaml_ops.errors import OpsError, UsageError
+from chachaml_ops.layout import file_type, run_folder_of
 from chachaml_ops.logs import get_logger
 from chachaml_ops.report import Finding, Report, iso_time
 from chachaml_ops.store import Store
-from chachaml_ops.verify import CheckOptions, run_check
+from chachaml_ops.verify import CheckOptions, row_claims, run_check
 
 ORPHAN_ONLY = dict(hash=False, rows=False, cross_refs=False, orphans=True)
 QUARANTINE_LOG = "quarantine-log.jsonl"
@@ -78,6 +79,16 @@ def plan_removal(
     for f in findings:
         if f.kind != "orphan_file" or f.path is None:
             continue
+        if f.extra.get("file_type", "file") != "file":
+            spared.append(
+                {
+                    "action": "spared",
+                    "path": f.path,
+                    "reason": f"a {f.extra.get('file_type')}, not a file chachaml wrote; "
+                    "left for a person to look at",
+                }
+            )
+            continue
         if f.extra.get("run_status") == "running" and not include_running:
             spared.append(
                 {
@@ -100,15 +111,23 @@ def plan_removal(
 
 
 def check_quarantine_dir(dest: Path, artifact_dir: Path) -> Path:
+    """Create the quarantine dir if needed; refuse one inside the artifact dir (links resolved)."""
     dest = Path(os.path.abspath(dest))
-    art = Path(os.path.abspath(artifact_dir))
-    if dest == art or art in dest.parents:
+    real_dest = Path(os.path.realpath(dest))
+    real_art = Path(os.path.realpath(artifact_dir))
+    if real_dest == real_art or real_art in real_dest.parents:
         raise UsageError(
             f"quarantine dir {dest} is inside the artifact dir",
             "choose a folder outside it, or its files will look like orphans",
         )
-    if dest.exists() and not dest.is_dir():
-        raise UsageError(f"quarantine dir {dest} is not a folder", "choose a folder path")
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot use quarantine dir {dest}: {exc.strerror}", "choose a writable folder"
+        ) from exc
+    if not os.access(dest, os.W_OK | os.X_OK):
+        raise UsageError(f"quarantine dir {dest} is not writable", "choose a writable folder")
     return dest
 
 
@@ -145,8 +164,24 @@ def apply_removal(
         if quarantine is not None:
             quarantine.mkdir(parents=True, exist_ok=True)
             journal = stack.enter_context(open(quarantine / QUARANTINE_LOG, "a", encoding="utf-8"))
-        for item in plan:
-            action = _apply_one(store, artifact_dir, item, quarantine, min_age, clock)
+        for index, item in enumerate(plan):
+            try:
+                action = _apply_one(store, artifact_dir, item, quarantine, min_age, clock)
+            except OpsError as exc:
+                # The DB cannot be re-checked (locked, gone): touch nothing more.
+                reason = f"not re-checked, nothing moved: {exc}"
+                actions.extend(
+                    {
+                        "path": rest.relpath,
+                        "size": rest.size,
+                        "cause": rest.cause,
+                        "action": "failed",
+                        "reason": reason,
+                    }
+                    for rest in plan[index:]
+                )
+                log.error("orphans_stopped", reason=reason, remaining=len(plan) - index)
+                break
             actions.append(action)
             log.info(
                 "orphan_" + action["action"],
@@ -174,8 +209,7 @@ def _apply_one(
     def skipped(reason: str) -> dict[str, Any]:
         return {**base, "action": "skipped", "reason": reason}
 
-    split = split_run_name(rel)
-    if split and store.has_row_for(*split):
+    if row_claims(store, rel):
         return skipped("a row references it now")
     name = rel.rsplit("/", 1)[-1]
     try:
@@ -198,30 +232,37 @@ def _apply_one(
                 return skipped(f"{target} already exists")
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
-                os.rename(name, target, src_dir_fd=pfd)
+                # link + unlink never replaces an existing file (rename would)
+                os.link(name, target, src_dir_fd=pfd, follow_symlinks=False)
+            except FileExistsError:
+                return skipped(f"{target} already exists")
             except OSError as exc:
                 if exc.errno != errno.EXDEV:
                     raise
-                _copy_then_unlink(pfd, name, target, st)
+                _copy_then_unlink(pfd, name, target)
+            else:
+                os.unlink(name, dir_fd=pfd)
             return {**base, "action": "moved", "to": str(target)}
     except OSError as exc:
         return {**base, "action": "failed", "reason": exc.strerror or str(exc)}
 
 
-def _copy_then_unlink(pfd: int, name: str, target: Path, st: os.stat_result) -> None:
-    """Across file systems: copy to a temp name, fsync, rename, then unlink the source."""
-    tmp = target.with_name(target.name + ".partial")
-    if not stat.S_ISREG(st.st_mode):
-        raise OSError(errno.EXDEV, "cannot move a non-regular file across file systems")
-    src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+def _copy_then_unlink(pfd: int, name: str, target: Path) -> None:
+    """Across file systems: copy to a private temp name, fsync, link into place (never over
+    an existing file), and only then unlink the source. A failed copy leaves nothing behind."""
+    src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=pfd)
+    tmp_fd, tmp = tempfile.mkstemp(prefix=".chachaml-ops-", suffix=".partial", dir=target.parent)
     try:
-        with os.fdopen(src, "rb", closefd=False) as fin, open(tmp, "wb") as fout:
+        with os.fdopen(src, "rb", closefd=False) as fin, os.fdopen(tmp_fd, "wb") as fout:
             shutil.copyfileobj(fin, fout, 1 << 20)
             fout.flush()
             os.fsync(fout.fileno())
+        os.link(tmp, target)
+    except FileExistsError:
+        raise OSError(errno.EEXIST, f"{target} appeared during the copy") from None
     finally:
         os.close(src)
-    os.replace(tmp, target)
+        os.unlink(tmp)
     os.unlink(name, dir_fd=pfd)
 
 

@@ -7,6 +7,7 @@ text and JSON renderings, so no checker decides how bad its own findings are.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import time
@@ -14,7 +15,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, TextIO
 
 from chachaml_ops.errors import EXIT_CLEAN, EXIT_ERRORS, EXIT_WARNINGS
 
@@ -100,7 +101,7 @@ def iso_time(ts: float) -> str:
 def display_path(path: str | None) -> str:
     if path is None:
         return "-"
-    return path_fields(path)["path"]
+    return printable(path_fields(path)["path"])
 
 
 @dataclass
@@ -167,8 +168,57 @@ def exit_code_for(findings: Iterable[Finding]) -> int:
     return worst
 
 
+def utf8_safe(value: Any) -> Any:
+    """Make every string valid UTF-8 for JSON: undecodable bytes become `\\xNN` escapes.
+
+    Paths carry their exact bytes in `path_b64`; ids and details from a damaged DB just need
+    to stay printable and parseable.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return os.fsencode(value).decode("utf-8", "backslashreplace")
+        return value
+    if isinstance(value, dict):
+        return {utf8_safe(k): utf8_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [utf8_safe(v) for v in value]
+    return value
+
+
+def write_json(report: Report, out: TextIO) -> None:
+    """Write the JSON document, one finding at a time (no second copy of a huge report)."""
+    doc = report.to_json()
+    findings = doc.pop("findings")
+    actions = doc.pop("actions", None)
+    head = json.dumps(utf8_safe(doc), indent=2, ensure_ascii=False)
+    out.write(head[:-2] + ',\n  "findings": [')
+    for i, finding in enumerate(findings):
+        out.write(("," if i else "") + "\n    ")
+        out.write(json.dumps(utf8_safe(finding), ensure_ascii=False))
+    out.write("\n  ]" if findings else "]")
+    if actions is not None:
+        out.write(',\n  "actions": [')
+        out.write(
+            ",".join("\n    " + json.dumps(utf8_safe(a), ensure_ascii=False) for a in actions)
+        )
+        out.write("\n  ]")
+    out.write("\n}\n")
+
+
 def render_json(report: Report) -> str:
-    return json.dumps(report.to_json(), indent=2, ensure_ascii=False)
+    buf = io.StringIO()
+    write_json(report, buf)
+    return buf.getvalue()
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
+
+
+def printable(text: str) -> str:
+    """For a terminal: control characters (ESC, newlines) from names shown as `\\xNN`."""
+    return utf8_safe(text).translate(_CONTROL)
 
 
 _COLOURS = {Severity.ERROR: "31", Severity.WARNING: "33", Severity.INFO: "36"}
@@ -262,12 +312,12 @@ def render_text(report: Report, *, colour: bool = False, max_per_kind: int | Non
         shown = group if max_per_kind is None else group[:max_per_kind]
         for f in shown:
             if f.path is None:  # registry findings: the detail names what is wrong
-                lines.append(f"  {f.detail}")
+                lines.append(f"  {printable(f.detail)}")
                 continue
             ident = f"  (artifact {f.artifact_id})" if f.artifact_id else ""
             lines.append(f"  {display_path(f.path)}{ident}")
             if f.detail:
-                lines.append(f"      {f.detail}")
+                lines.append(f"      {printable(f.detail)}")
             if "age_s" in f.extra:
                 lines.append("      " + _file_facts(f.extra))
         if len(shown) < len(group):

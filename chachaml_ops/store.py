@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from chachaml_ops.errors import NotSQLite, SchemaError, StoreLocked, StoreNotFound
+from chachaml_ops.errors import NotSQLite, SchemaError, ScratchFull, StoreLocked, StoreNotFound
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 REQUIRED_ARTIFACT_COLUMNS = ("id", "run_id", "name", "path", "size", "hash", "created_at")
@@ -55,6 +56,40 @@ def _bind(text: str) -> bytes:
     return os.fsencode(text)
 
 
+def _hint_for(exc: sqlite3.Error) -> str:
+    msg = str(exc).lower()
+    if "readonly" in msg or "read-only" in msg:
+        return (
+            "SQLite needs to create the -shm file or recover a hot journal beside the DB; "
+            "run as a user who can write the DB's folder (the DB itself is still not written)"
+        )
+    if "malformed" in msg or "not a database" in msg or "corrupt" in msg:
+        return "the DB is damaged: restore it from a backup, or try sqlite3 '.recover' on a copy"
+    return "check that --db names a chachaml metadata DB"
+
+
+def _as_int(value: object) -> int | None:
+    """Sizes and timestamps as integers, tolerating SQLite's loose typing ('5', 5.0)."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str | bytes):
+        try:
+            return int(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _as_text(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    return str(value)
+
+
 def _locked(exc: sqlite3.OperationalError) -> bool:
     msg = str(exc).lower()
     return "locked" in msg or "busy" in msg
@@ -88,9 +123,28 @@ class Store:
     # -- opening -------------------------------------------------------------------------
 
     def _check_file(self) -> None:
+        if not os.fspath(self.db):
+            raise StoreNotFound("--db is empty", "pass --db PATH to a chachaml.db")
         try:
-            with open(self.db, "rb") as fh:
-                head = fh.read(len(SQLITE_MAGIC))
+            # O_NONBLOCK: a FIFO at --db must not hang the check
+            fd = os.open(self.db, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise StoreNotFound(
+                f"no database at {self.db}", "pass --db PATH to a chachaml.db"
+            ) from None
+        except OSError as exc:
+            raise StoreNotFound(
+                f"cannot open {self.db}: {exc.strerror}", "check its permissions"
+            ) from None
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise IsADirectoryError
+            if not stat.S_ISREG(st.st_mode):
+                raise NotSQLite(
+                    f"{self.db} is not a regular file", "pass --db PATH to a chachaml.db"
+                )
+            head = os.pread(fd, len(SQLITE_MAGIC), 0)
         except FileNotFoundError:
             raise StoreNotFound(
                 f"no database at {self.db}", "pass --db PATH to a chachaml.db"
@@ -101,7 +155,11 @@ class Store:
                 "pass --db PATH to the chachaml.db file inside it",
             ) from None
         except OSError as exc:
-            raise StoreNotFound(f"cannot read {self.db}: {exc.strerror}") from None
+            raise StoreNotFound(
+                f"cannot read {self.db}: {exc.strerror}", "check its permissions"
+            ) from None
+        finally:
+            os.close(fd)
         if head != SQLITE_MAGIC:
             raise NotSQLite(
                 f"{self.db} is not a SQLite database",
@@ -117,9 +175,9 @@ class Store:
                     f"{self.db} stayed locked for {self.busy_timeout_ms} ms",
                     "another process holds an exclusive lock; retry later or raise --busy-timeout",
                 ) from exc
-            raise NotSQLite(f"cannot read {self.db}: {exc}") from exc
+            raise NotSQLite(f"cannot read {self.db}: {exc}", _hint_for(exc)) from exc
         except sqlite3.DatabaseError as exc:
-            raise NotSQLite(f"cannot read {self.db}: {exc}") from exc
+            raise NotSQLite(f"cannot read {self.db}: {exc}", _hint_for(exc)) from exc
 
     def _read_schema(self) -> None:
         names = [
@@ -129,7 +187,9 @@ class Store:
             )
         ]
         for name in names:
-            cols = {r[1] for r in self.conn.execute(f'PRAGMA table_info("{name}")')}
+            cols = {
+                r[0] for r in self.conn.execute("SELECT name FROM pragma_table_info(?)", (name,))
+            }
             self.tables[name] = cols
         if "artifacts" not in self.tables:
             raise SchemaError(
@@ -197,13 +257,13 @@ class Store:
                 return
             for r in batch:
                 yield ArtifactRow(
-                    id=str(r[0]),
-                    run_id=str(r[1]),
-                    name=str(r[2]),
-                    path=r[3] if isinstance(r[3], str) else str(r[3] or ""),
-                    size=r[4] if isinstance(r[4], int) else None,
+                    id=_as_text(r[0]),
+                    run_id=_as_text(r[1]),
+                    name=_as_text(r[2]),
+                    path=_as_text(r[3]),
+                    size=_as_int(r[4]),
                     hash=r[5].lower() if isinstance(r[5], str) else None,
-                    created_at=r[6] if isinstance(r[6], int) else None,
+                    created_at=_as_int(r[6]),
                     run_known=None if r[7] is None else bool(r[7]),
                     run_status=r[8],
                 )
@@ -250,6 +310,15 @@ class Store:
 
     # -- scratch space for joins ---------------------------------------------------------
 
+    def _scratch(self, sql: str, rows: Iterable[tuple]) -> None:
+        try:
+            self.conn.executemany(sql, rows)
+        except sqlite3.OperationalError as exc:
+            raise ScratchFull(
+                f"SQLite scratch space failed: {exc}",
+                "point SQLITE_TMPDIR at a folder with more free space",
+            ) from exc
+
     def _ensure_temp(self) -> None:
         if self._temp_ready:
             return
@@ -264,13 +333,13 @@ class Store:
     # UTF-8 compare exactly and never fail to encode.
     def add_refs(self, paths: Iterable[str]) -> None:
         self._ensure_temp()
-        self.conn.executemany(
+        self._scratch(
             "INSERT OR IGNORE INTO temp.refs VALUES (?)", ((os.fsencode(p),) for p in paths)
         )
 
     def add_seen(self, entries: Iterable[tuple[str, str]]) -> None:
         self._ensure_temp()
-        self.conn.executemany(
+        self._scratch(
             "INSERT OR IGNORE INTO temp.seen VALUES (?, ?)",
             ((os.fsencode(p), t) for p, t in entries),
         )

@@ -7,6 +7,7 @@ cross-checked; finally the tree is walked and anti-joined against the rows in SQ
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -20,15 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from chachaml_ops.errors import ArtifactDirMissing, UsageError
-from chachaml_ops.hashing import Digest, NotRegularFile, sha256_file
+from chachaml_ops.hashing import Digest, NotRegularFile, OutsideTree, sha256_file
 from chachaml_ops.layout import (
     ArtifactTree,
     UnsafePath,
     file_type,
     is_object_key,
+    prefixes,
     resolve_stored_path,
-    run_folder_of,
-    split_run_name,
 )
 from chachaml_ops.report import Finding, Report, human_duration, iso_time
 from chachaml_ops.scan import ScanProblem, scan_tree
@@ -137,10 +137,11 @@ def check_store(
     stop = should_stop or (lambda: False)
     stats.rows_total, stats.bytes_total = store.totals(opts.run_ids)
     if not os.path.isdir(artifact_dir):
-        if stats.rows_total == 0:
+        if stats.rows_total == 0 and not os.path.lexists(artifact_dir):
             return
+        what = "is not a folder" if os.path.lexists(artifact_dir) else "does not exist"
         raise ArtifactDirMissing(
-            f"artifact dir {artifact_dir} does not exist",
+            f"artifact dir {artifact_dir} {what}",
             "pass --artifact-dir DIR (chachaml derives it from the DB name)",
         )
     tree = ArtifactTree(Path(artifact_dir))
@@ -204,15 +205,17 @@ def _inspect_row(
             Finding(kind, path if path is not None else row.path, detail, row.id, row.run_id, extra)
         )
 
-    if row.run_known is False:
+    if not row.run_id:
+        finding("run_missing", "row has no run id")
+    elif row.run_known is False:
         finding("run_missing", f"run {row.run_id} is in no runs row")
-    if is_object_key(row.path, row.run_id, row.name):
-        finding("unverifiable", "path is an object-store key (S3 backend); bytes not on disk")
-        return None, out, None
     try:
         relpath = resolve_stored_path(row.path)
     except UnsafePath as exc:
         finding("unsafe_path", f"{exc}; never opened", stored_path=row.path)
+        return None, out, None
+    if is_object_key(row.path, row.run_id, row.name):
+        finding("unverifiable", "path is an object-store key (S3 backend); bytes not on disk")
         return None, out, None
     if not opts.rows:
         return relpath, out, None
@@ -222,7 +225,15 @@ def _inspect_row(
         finding("missing", "no file (its folder is missing)", relpath)
         return relpath, out, None
     if parents == "not_plain":
-        finding("not_a_file", "a parent folder is a symlink or not a folder; not followed", relpath)
+        finding(
+            "not_a_file",
+            "a parent folder is a symlink or not a folder; not followed",
+            relpath,
+            file_type="symlink",
+        )
+        return relpath, out, None
+    if parents == "unreadable":
+        finding("unreadable", "cannot enter a parent folder", relpath)
         return relpath, out, None
     try:
         st = os.lstat(tree.abspath(relpath))
@@ -283,6 +294,7 @@ def _hash(tree: ArtifactTree, pending: _Pending, opts: CheckOptions) -> Digest |
             tree.abspath(pending.relpath),
             expected_size=pending.row.size,
             drop_cache=opts.drop_cache,
+            confine=True,
         )
     except OSError as exc:
         return exc
@@ -300,7 +312,7 @@ def _finish(pending: _Pending, stats: CheckStats, progress) -> Iterator[Finding]
         stats.bytes_hashed += result.size
         if progress:
             progress(stats)
-        if result.size != row.size:
+        if row.size is not None and result.size != row.size:
             yield finding(
                 "size_mismatch",
                 f"recorded {row.size} bytes, read {result.size} (changed during check)",
@@ -319,7 +331,13 @@ def _finish(pending: _Pending, stats: CheckStats, progress) -> Iterator[Finding]
             )
     elif isinstance(result, FileNotFoundError):
         yield finding("missing", "file vanished during the check")
-    elif isinstance(result, NotRegularFile) or getattr(result, "errno", None) == 40:  # ELOOP
+    elif isinstance(result, OutsideTree):
+        yield finding(
+            "not_a_file",
+            "a parent folder became a symlink during the check; not read",
+            file_type="symlink",
+        )
+    elif isinstance(result, NotRegularFile) or getattr(result, "errno", None) == errno.ELOOP:
         yield finding("not_a_file", "replaced by a symlink or special file during the check")
     elif isinstance(result, OSError):
         yield finding("unreadable", f"read failed: {result.strerror or result}")
@@ -399,18 +417,10 @@ def classify_unreferenced(
         return None
     except OSError as exc:
         return Finding("unreadable", relpath, f"cannot stat: {exc.strerror}")
-    run_id = run_folder_of(relpath)
-    split = split_run_name(relpath)
-    if split and store.has_row_for(*split):
+    if row_claims(store, relpath):
         return None
-    if run_id is None:
-        cause, known, status = "stray", False, None
-    else:
-        cache = runs if runs is not None else {}
-        if run_id not in cache:
-            cache[run_id] = store.run_status(run_id)
-        known, status = cache[run_id]
-        cause = "crash_leftover" if known else "deleted_run"
+    run_id, known, status = owning_run(store, relpath, runs if runs is not None else {})
+    cause = "stray" if run_id is None else "crash_leftover" if known else "deleted_run"
     age = max(0.0, now - st.st_mtime)
     kind = file_type(st.st_mode)
     extra: dict[str, Any] = {
@@ -438,6 +448,28 @@ def classify_unreferenced(
     if kind != "file":
         detail += f"; a {kind}"
     return Finding("orphan_file", relpath, detail, None, run_id, extra)
+
+
+def row_claims(store: Store, relpath: str) -> bool:
+    """Live re-check: does any row claim this file now? (Indexed lookups, one per split.)"""
+    return any(store.has_row_for(run_id, name) for run_id, name in prefixes(relpath))
+
+
+def owning_run(
+    store: Store, relpath: str, cache: dict[str, tuple[bool, str | None]]
+) -> tuple[str | None, bool, str | None]:
+    """(run id, known to the store, status) of the run folder a file sits in.
+
+    The shortest known prefix wins; an unknown run is named by the top folder.
+    """
+    splits = prefixes(relpath)
+    for run_id, _ in splits:
+        if run_id not in cache:
+            cache[run_id] = store.run_status(run_id)
+        known, status = cache[run_id]
+        if known:
+            return run_id, True, status
+    return (splits[0][0], False, None) if splits else (None, False, None)
 
 
 def run_check(

@@ -63,9 +63,8 @@ def run_cli(*args: str | os.PathLike, timeout: float = 60, prefix=(), **kw) -> C
     proc = subprocess.run(
         [*prefix, sys.executable, "-m", "chachaml_ops", *map(str, args)],
         capture_output=True,
-        text=True,
         timeout=timeout,
-        **kw,
+        **{"text": True, **kw},
     )
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
