@@ -122,6 +122,8 @@ def _cron_field(text: str, spec: CronField) -> tuple[int, ...] | None:
         elif "-" in rng:
             a, _, b = rng.partition("-")
             first, last = _cron_value(a, spec), _cron_value(b, spec)
+            if spec.names == tuple(_DAYS) and last == 0 and first > 0:
+                last = 7  # "fri-sun": Sunday ends the week as 7
             if first > last:
                 raise ValueError(f"{spec.name}: range {rng!r} runs backwards")
         else:
