@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterable
@@ -20,6 +21,7 @@ from chachaml_ops.report import Finding, Severity, display_path
 
 USER_AGENT = "chachaml-ops"
 _MAX_LISTED = 20
+_MEMORY_LOCK = threading.Lock()
 
 
 def finding_key(f: Finding) -> str:
@@ -49,10 +51,11 @@ class Alerter:
         """Error findings not alerted before. `complete`: this run saw the whole store, so
         problems it no longer sees are forgotten (and alert again if they come back)."""
         errors = [f for f in findings if f.severity is Severity.ERROR]
-        known = self._load(store)
-        new = [f for f in errors if finding_key(f) not in known]
-        current = {finding_key(f) for f in errors}
-        self._save(store, current if complete else known | current)
+        with _MEMORY_LOCK:  # a verify job and the watcher may finish at the same moment
+            known = self._load(store)
+            new = [f for f in errors if finding_key(f) not in known]
+            current = {finding_key(f) for f in errors}
+            self._save(store, current if complete else known | current)
         return new
 
     def webhook(self, store: str, job: str, new: list[Finding]) -> bool:

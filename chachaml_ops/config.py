@@ -17,7 +17,7 @@ from typing import Any
 
 from chachaml_ops.errors import OpsError, UsageError
 from chachaml_ops.layout import derive_artifact_dir
-from chachaml_ops.state import default_state_dir
+from chachaml_ops.state import default_state_dir, store_key
 from chachaml_ops.units import parse_duration
 from chachaml_ops.verify import Subset
 
@@ -162,6 +162,12 @@ class StoreConfig:
     name: str
     db: Path
     artifact_dir: Path
+
+    @property
+    def state_key(self) -> str:
+        """The store's key in the job history: the same one CLI runs record, so a backup made
+        by hand counts for the daemon's catch-up and shows in `status`."""
+        return store_key(self.db)
 
 
 @dataclass(frozen=True)

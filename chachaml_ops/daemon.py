@@ -120,7 +120,7 @@ class Daemon:
                 trigger = cron_trigger(spec, config.timezone)
                 for store in config.stores:
                     job_id = f"{store.name}:{task}"
-                    last = state.last_job(store.name, task, success=True)
+                    last = state.last_job(store.state_key, task, success=True)
                     catch_up = is_due(spec, config.timezone, last and last.started, now)
                     kwargs: dict[str, Any] = {}
                     if catch_up:

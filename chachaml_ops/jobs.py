@@ -7,10 +7,10 @@ same code runs whether a job was fired by cron, by catch-up at start, or by a lo
 from __future__ import annotations
 
 import dataclasses
-import inspect
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +24,7 @@ from chachaml_ops.logs import get_logger
 from chachaml_ops.report import Finding, Report, Severity
 from chachaml_ops.state import StateDB, StoreBusy, store_lock
 from chachaml_ops.store import Store
-from chachaml_ops.verify import CheckOptions, run_check
+from chachaml_ops.verify import CheckOptions, Subset, run_check
 
 StopFn = Callable[[], bool]
 # Findings logged one per line per job; the rest are counted in the job's summary line.
@@ -59,6 +59,8 @@ class JobRunner:
         self.clock = clock
         self.alerter = Alerter(config.alerts, config.state_dir)
         self.watch_counts: dict[tuple[str, str], int] = {}
+        # Jobs and watchers finish on different threads; one writer of the textfile at a time.
+        self._metrics_lock = threading.Lock()
 
     # -- the whole job --------------------------------------------------------------------
 
@@ -78,7 +80,7 @@ class JobRunner:
                 store.name, job, started, started, EXIT_CANNOT_CHECK, {"error": exc.one_line()}
             )
             log.error("job_failed", error=exc.one_line())
-            self._record(outcome)
+            self._record(store, outcome)
             return outcome
 
     @contextmanager
@@ -119,7 +121,7 @@ class JobRunner:
             elif job == "orphans":
                 report, summary = self._orphans(store)
             elif job == "backup":
-                summary = run_backup_adapter(store, self.config, self.should_stop)
+                report, summary = run_backup_adapter(store, self.config, self.should_stop)
             else:
                 raise ValueError(f"unknown job {job!r}")
             exit_code = summary["exit_code"]
@@ -133,7 +135,7 @@ class JobRunner:
             exit_code, summary = EXIT_CANNOT_CHECK, {"exit_code": 3, "error": repr(exc)}
             log.exception("job_crashed")
         outcome = JobOutcome(store.name, job, started, self.clock(), exit_code, summary)
-        self._record(outcome)
+        self._record(store, outcome)
         if report is not None:
             self._log_and_alert(store.name, job, report, log)
         log.info(
@@ -153,7 +155,7 @@ class JobRunner:
         cfg = self.config.verify
         kw: dict[str, Any] = {
             "hash": not (quick or cfg.quick),
-            "subset": None if quick else cfg.subset,
+            "subset": None if quick or cfg.subset is None else self._next_subset(store, cfg.subset),
             "min_age": cfg.min_age,
             "drop_cache": cfg.drop_cache,
         }
@@ -173,6 +175,19 @@ class JobRunner:
         exit_code = EXIT_CANNOT_CHECK if interrupted else report.exit_code()
         return report, {"exit_code": exit_code, "by_kind": report.counts(), **report.stats}
 
+    def _next_subset(self, store: StoreConfig, configured: Subset) -> Subset:
+        """A fixed slice would hash the same files every night: rotate n through 1..t, so t
+        successful runs cover every artifact (the config's n is where the rotation starts)."""
+        with StateDB(self.config.state_dir) as state:
+            last = state.last_job(store.state_key, "verify", success=True)
+        try:
+            previous = Subset.parse(str(last.summary.get("subset"))) if last else None
+        except OpsError:
+            previous = None
+        if previous is None or previous.t != configured.t:
+            return configured
+        return Subset(previous.n % configured.t + 1, configured.t)
+
     def _orphans(self, store: StoreConfig) -> tuple[Report, dict[str, Any]]:
         from chachaml_ops.orphans import find_orphans
 
@@ -182,10 +197,10 @@ class JobRunner:
 
     # -- after a job ----------------------------------------------------------------------
 
-    def _record(self, outcome: JobOutcome) -> None:
+    def _record(self, store: StoreConfig, outcome: JobOutcome) -> None:
         with StateDB(self.config.state_dir) as state:
             state.record_job(
-                outcome.store,
+                store.state_key,
                 outcome.job,
                 outcome.started,
                 outcome.finished,
@@ -212,7 +227,8 @@ class JobRunner:
         log = get_logger("chachaml_ops.watcher", store=store, job="watch")
         log.warning("finding", **finding_fields(finding))
         key = (store, finding.kind)
-        self.watch_counts[key] = self.watch_counts.get(key, 0) + 1
+        with self._metrics_lock:
+            self.watch_counts[key] = self.watch_counts.get(key, 0) + 1
         new = self.alerter.new_errors(store, [finding], complete=False)
         self.alerter.webhook(store, "watch", new)
         self.write_metrics()
@@ -222,13 +238,13 @@ class JobRunner:
         if path is None:
             return
         try:
-            with StateDB(self.config.state_dir) as state:
-                samples = collect_samples(state, [s.name for s in self.config.stores])
-            samples += [
-                metrics.Sample("watch_findings", {"store": s, "kind": k}, n)
-                for (s, k), n in self.watch_counts.items()
-            ]
-            metrics.write_textfile(path, metrics.render(samples))
+            with self._metrics_lock, StateDB(self.config.state_dir) as state:
+                samples = collect_samples(state, self.config.stores)
+                samples += [
+                    metrics.Sample("watch_findings", {"store": s, "kind": k}, n)
+                    for (s, k), n in self.watch_counts.items()
+                ]
+                metrics.write_textfile(path, metrics.render(samples))
         except OSError as exc:
             get_logger("chachaml_ops.daemon").error(
                 "metrics_write_failed", path=str(path), error=str(exc)
@@ -259,13 +275,13 @@ def _ping_body(outcome: JobOutcome) -> str:
 # -- metrics from the state DB ------------------------------------------------------------
 
 
-def collect_samples(state: StateDB, stores: list[str]) -> list[metrics.Sample]:
+def collect_samples(state: StateDB, stores: Iterable[StoreConfig]) -> list[metrics.Sample]:
     """Every metric from the job history, so a restart re-exports the same numbers."""
     out: list[metrics.Sample] = []
     for store in stores:
-        label = {"store": store}
+        label = {"store": store.name}
         for job in ("verify", "orphans", "backup"):
-            last = state.last_job(store, job)
+            last = state.last_job(store.state_key, job)
             if last is None or last.finished is None:
                 continue
             jl = {**label, "job": job}
@@ -274,7 +290,7 @@ def collect_samples(state: StateDB, stores: list[str]) -> list[metrics.Sample]:
             out.append(
                 metrics.Sample(f"{job}_duration_seconds", label, last.finished - last.started)
             )
-            ok = state.last_job(store, job, success=True)
+            ok = state.last_job(store.state_key, job, success=True)
             if ok is not None and ok.finished is not None:
                 out.append(
                     metrics.Sample(f"{job}_last_success_timestamp_seconds", label, ok.finished)
@@ -290,75 +306,51 @@ def collect_samples(state: StateDB, stores: list[str]) -> list[metrics.Sample]:
                 orphan_bytes = s.get("orphan_bytes", s.get("reclaimable_bytes"))
                 if orphan_bytes is not None:
                     out.append(metrics.Sample("orphan_bytes", jl, orphan_bytes))
-            if job == "backup" and ok is not None:
-                size = backup_size(ok.summary)
-                if size is not None:
-                    out.append(metrics.Sample("backup_size_bytes", label, size))
+            if job == "backup" and ok is not None and isinstance(ok.summary.get("bytes"), int):
+                out.append(metrics.Sample("backup_size_bytes", label, ok.summary["bytes"]))
     return out
 
 
-# -- backup: the adapter to the backup module (written on another branch) ------------------
-
-_BACKUP_SIZE_KEYS = ("size_bytes", "archive_bytes", "archive_size", "size", "bytes")
+# -- backup: the adapter to the backup module ----------------------------------------------
 
 
-def backup_size(summary: dict[str, Any]) -> float | None:
-    for key in _BACKUP_SIZE_KEYS:
-        if isinstance(summary.get(key), (int, float)):
-            return summary[key]
-    return None
-
-
-def run_backup_adapter(store: StoreConfig, config: Config, should_stop: StopFn) -> dict[str, Any]:
-    """Call chachaml_ops.backup.run_backup with what it asks for, return a job summary.
+def run_backup_adapter(
+    store: StoreConfig, config: Config, should_stop: StopFn
+) -> tuple[Report, dict[str, Any]]:
+    """One backup of a store into [backup] dir, then pruning by the keep_* policy; the same
+    calls as `chachaml-ops backup`. The caller holds the store lock.
 
     Imported lazily: a build without the backup module still runs verify and orphans, and
     the backup job fails with a clear error instead of the daemon failing to start.
     """
     try:
-        from chachaml_ops import backup as backup_module
+        from chachaml_ops.backup import BackupOptions, run_backup
+        from chachaml_ops.restore import archive_is_intact
+        from chachaml_ops.retention import RetentionPolicy, prune
     except ImportError as exc:
         raise BackupUnavailable(
-            "this chachaml-ops has no backup module", f"upgrade chachaml-ops ({exc})"
+            f"this chachaml-ops cannot make backups ({exc})", "install a release with backup"
         ) from None
-    run_backup = getattr(backup_module, "run_backup", None)
-    if run_backup is None:
-        raise BackupUnavailable("chachaml_ops.backup has no run_backup()", "upgrade chachaml-ops")
     cfg = config.backup
-    offered: dict[str, Any] = {
-        "db": store.db,
-        "artifact_dir": store.artifact_dir,
-        "dest": cfg.dir,
-        "dest_dir": cfg.dir,
-        "backup_dir": cfg.dir,
-        "out_dir": cfg.dir,
-        "compression": cfg.compression,
-        "keep_daily": cfg.keep_daily,
-        "keep_weekly": cfg.keep_weekly,
-        "keep_monthly": cfg.keep_monthly,
-        "state_dir": config.state_dir,
-        "should_stop": should_stop,
-        "store_name": store.name,
-        "lock": False,  # the daemon already holds the store lock
-        "take_lock": False,
-    }
-    params = inspect.signature(run_backup).parameters
-    result = run_backup(**{k: v for k, v in offered.items() if k in params})
-    return _backup_summary(result)
-
-
-def _backup_summary(result: Any) -> dict[str, Any]:
-    if isinstance(result, Report):
-        return {"exit_code": result.exit_code(), "by_kind": result.counts(), **result.stats}
-    if dataclasses.is_dataclass(result) and not isinstance(result, type):
-        doc = dataclasses.asdict(result)
-    elif isinstance(result, dict):
-        doc = dict(result)
-    else:
-        doc = {"result": repr(result)}
-    doc = {k: (str(v) if isinstance(v, Path) else v) for k, v in doc.items()}
-    doc.setdefault("exit_code", 0)
-    return doc
+    if cfg.dir is None:
+        raise BackupUnavailable("[backup] dir is not set", "set it in the config")
+    with Store(store.db) as s:
+        report, result = run_backup(
+            s, store.artifact_dir, cfg.dir, BackupOptions(compression=cfg.compression)
+        )
+    policy = RetentionPolicy(0, cfg.keep_daily, cfg.keep_weekly, cfg.keep_monthly)
+    if not policy.is_empty():
+        pruned = prune(
+            cfg.dir,
+            policy,
+            dry_run=False,
+            is_intact=archive_is_intact,
+            known_intact=frozenset({result.archive.name}),
+        )
+        report.actions = [a for a in pruned.actions if a["action"] != "kept"]
+        report.add(pruned.findings)
+    summary = {"exit_code": report.exit_code(), "by_kind": report.counts(), **result.stats()}
+    return report, summary
 
 
 # -- status: what ran, what runs next -----------------------------------------------------
@@ -398,8 +390,8 @@ def status_report(
         for store in config.stores:
             tasks = {}
             for task in ("verify", "orphans", "backup"):
-                last = state.last_job(store.name, task)
-                ok = state.last_job(store.name, task, success=True)
+                last = state.last_job(store.state_key, task)
+                ok = state.last_job(store.state_key, task, success=True)
                 scheduled = config.schedule(task) is not None
                 if daemon_doc is not None:
                     nxt = from_daemon.get((store.name, task))

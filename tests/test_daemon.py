@@ -320,7 +320,7 @@ def test_unreachable_alert_urls_never_break_a_job(tmp_path, clean_store):
     outcome = JobRunner(config, lambda: False).run("main", "orphans")
     assert outcome.exit_code == 0
     with StateDB(config.state_dir) as state:
-        assert state.last_job("main", "orphans", success=True) is not None
+        assert state.last_job(config.stores[0].state_key, "orphans", success=True) is not None
 
 
 def test_a_stopped_verify_is_recorded_as_interrupted_not_as_a_success(tmp_path, clean_store):
@@ -332,7 +332,16 @@ def test_a_stopped_verify_is_recorded_as_interrupted_not_as_a_success(tmp_path, 
     assert outcome.summary["interrupted"] is True
     assert 0 < outcome.summary["rows"] < len(clean_store.artifacts)
     with StateDB(config.state_dir) as state:
-        assert state.last_job("main", "verify", success=True) is None
+        assert state.last_job(config.stores[0].state_key, "verify", success=True) is None
+
+
+def test_a_configured_subset_rotates_so_t_runs_hash_every_artifact(tmp_path, clean_store):
+    config = _config(tmp_path, clean_store, '[verify]\nsubset = "1/3"\njobs = 1\n')
+    runner = JobRunner(config, lambda: False)
+    runs = [runner.run("main", "verify").summary for _ in range(4)]
+    assert [r["subset"] for r in runs] == ["1/3", "2/3", "3/3", "1/3"]
+    assert sum(r["files_hashed"] for r in runs[:3]) == len(clean_store.artifacts)
+    assert runs[3]["files_hashed"] == runs[0]["files_hashed"]
 
 
 def test_metrics_render_labels_escaped_and_write_is_atomic(tmp_path):
