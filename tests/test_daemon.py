@@ -424,13 +424,24 @@ def test_catch_up_at_start_makes_a_backup(tmp_path, clean_store):
         tmp_path / "c.toml",
         clean_store,
         state=tmp_path / "st",
-        extra=f'[backup]\nschedule = "{NIGHTLY}"\ndir = "{tmp_path}/backups"\n',
+        extra=f"""
+        [backup]
+        schedule = "{NIGHTLY}"
+        dir = "{tmp_path}/backups"
+        [metrics]
+        textfile = "{tmp_path}/m.prom"
+        """,
     )
     with DaemonProcess(config) as daemon:
         finished = daemon.event("job_finished", job="backup", timeout=30)
         assert finished["exit_code"] == 0
         assert daemon.stop() == 0
-    assert any((tmp_path / "backups").iterdir())
+    archives = list((tmp_path / "backups").iterdir())
+    assert len(archives) >= 1
+    metrics = (tmp_path / "m.prom").read_text()
+    assert 'chachaml_ops_backup_last_success_timestamp_seconds{store="main"}' in metrics
+    size = max(p.stat().st_size for p in archives)
+    assert f'chachaml_ops_backup_size_bytes{{store="main"}} {size}' in metrics
 
 
 def test_watcher_logs_a_corrupt_new_artifact_a_deleted_one_and_an_orphan(tmp_path, clean_store):
