@@ -560,7 +560,7 @@ from pathlib import Path
 from chachaml_ops.state import store_lock
 with store_lock(Path(sys.argv[1]), Path(sys.argv[2]), holder="chachaml-ops backup (cli)"):
     print("locked", flush=True)
-    time.sleep(float(sys.argv[3]))
+    sys.stdin.readline()  # hold the lock until the test says so
     print(time.time(), flush=True)
 """
 
@@ -571,7 +571,8 @@ def test_store_lock_keeps_a_cli_job_and_a_daemon_job_apart(tmp_path, clean_store
         tmp_path / "c.toml", clean_store, state=state, extra=f'[orphans]\nschedule = "{NIGHTLY}"\n'
     )
     cli = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, str(state), str(clean_store.db), "2"],
+        [sys.executable, "-c", HOLD_LOCK, str(state), str(clean_store.db)],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -580,12 +581,17 @@ def test_store_lock_keeps_a_cli_job_and_a_daemon_job_apart(tmp_path, clean_store
         with DaemonProcess(config) as daemon:
             busy = daemon.event("store_busy", job="orphans")
             assert "chachaml-ops backup (cli)" in busy["detail"]
+            time.sleep(1.5)  # the daemon keeps waiting while the CLI job works
+            assert not any(e.get("event") == "job_started" for e in daemon.events)
+            cli.stdin.write("done\n")
+            cli.stdin.flush()
             released = float(cli.stdout.readline())
             started = daemon.event("job_started", job="orphans")
             assert datetime.fromisoformat(started["timestamp"]).timestamp() >= released
             assert daemon.event("job_finished", job="orphans")["exit_code"] == 0
             assert daemon.stop() == 0
     finally:
+        cli.kill()
         cli.wait(timeout=10)
 
 
