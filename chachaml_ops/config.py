@@ -261,7 +261,7 @@ def find_config(explicit: Path | None, environ: Mapping[str, str] = os.environ) 
     )
 
 
-def load_config(path: Path, environ: Mapping[str, str] = os.environ) -> Config:
+def load_config(path: Path) -> Config:
     """Read and validate; raises ConfigError listing every problem at once."""
     path = Path(path)
     try:
@@ -276,16 +276,15 @@ def load_config(path: Path, environ: Mapping[str, str] = os.environ) -> Config:
         raise ConfigError(str(path), [Problem("(file)", "not UTF-8 text")]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), [Problem("(syntax)", str(exc), "fix the TOML")]) from None
-    return parse_config(doc, path, environ)
+    return parse_config(doc, path)
 
 
 class _Reader:
     """Pulls typed values out of one table, noting problems and which keys were used."""
 
-    def __init__(self, table: Any, where: str, problems: list[Problem], base: Path) -> None:
+    def __init__(self, table: Any, where: str, problems: list[Problem]) -> None:
         self.where = where
         self.problems = problems
-        self.base = base
         self.ok = isinstance(table, dict)
         if not self.ok:
             self.problem("", f"must be a table, not {type(table).__name__}")
@@ -394,9 +393,7 @@ def _subset(value: Any) -> Subset:
     return Subset.parse(_string(value))
 
 
-def parse_config(
-    doc: dict[str, Any], source: Path, environ: Mapping[str, str] = os.environ
-) -> Config:
+def parse_config(doc: dict[str, Any], source: Path) -> Config:
     problems: list[Problem] = []
     base = source.resolve().parent
 
@@ -406,8 +403,8 @@ def parse_config(
             raise ValueError("must not be empty")
         return (base / text) if not os.path.isabs(text) else Path(text)
 
-    top = _Reader(doc, "", problems, base)
-    state_dir = top.get("state_dir", path, None) or _default_state(environ)
+    top = _Reader(doc, "", problems)
+    state_dir = top.get("state_dir", path, None) or default_state_dir()
     timezone = top.get("timezone", _timezone, "UTC", "an IANA name such as Europe/Berlin")
     log_level = top.get("log_level", _choice(LOG_LEVELS), "info")
     lock_wait = top.get("lock_wait", _duration, 6 * 3600.0, "how long a job waits for a busy store")
@@ -415,7 +412,7 @@ def parse_config(
     stores = _stores(doc.get("store"), problems, path)
     top.used.add("store")
 
-    v = _Reader(doc.get("verify", {}), "verify", problems, base)
+    v = _Reader(doc.get("verify", {}), "verify", problems)
     verify = VerifyConfig(
         schedule=v.get("schedule", _cron, None, 'crontab syntax, e.g. "0 3 * * *"'),
         subset=v.get("subset", _subset, None, 'n/t, e.g. "1/7"'),
@@ -427,13 +424,13 @@ def parse_config(
         max_age=v.get("max_age", _duration, None, 'e.g. "30d"'),
     )
     v.finish()
-    o = _Reader(doc.get("orphans", {}), "orphans", problems, base)
+    o = _Reader(doc.get("orphans", {}), "orphans", problems)
     orphans = OrphansConfig(
         schedule=o.get("schedule", _cron, None, 'crontab syntax, e.g. "0 * * * *"'),
         min_age=o.get("min_age", _duration, 3600.0, 'e.g. "1h"'),
     )
     o.finish()
-    b = _Reader(doc.get("backup", {}), "backup", problems, base)
+    b = _Reader(doc.get("backup", {}), "backup", problems)
     backup = BackupConfig(
         schedule=b.get("schedule", _cron, None, 'crontab syntax, e.g. "30 3 * * *"'),
         dir=b.get("dir", path, None),
@@ -445,7 +442,7 @@ def parse_config(
     b.finish()
     if backup.schedule is not None and backup.dir is None:
         b.problem("dir", "is required when backup.schedule is set", "where archives go")
-    m = _Reader(doc.get("metrics", {}), "metrics", problems, base)
+    m = _Reader(doc.get("metrics", {}), "metrics", problems)
     metrics = MetricsConfig(textfile=m.get("textfile", path, None))
     m.finish()
     if metrics.textfile is not None and not metrics.textfile.parent.is_dir():
@@ -454,7 +451,7 @@ def parse_config(
             f"folder {metrics.textfile.parent} does not exist",
             "create it, or point at node-exporter's --collector.textfile.directory",
         )
-    w = _Reader(doc.get("watch", {}), "watch", problems, base)
+    w = _Reader(doc.get("watch", {}), "watch", problems)
     watch = WatchConfig(
         enabled=w.get("enabled", _bool, False),
         debounce=w.get("debounce", _duration, 2.0, 'e.g. "2s"'),
@@ -463,7 +460,7 @@ def parse_config(
         poll_interval=w.get("poll_interval", _duration, 10.0, 'e.g. "10s"'),
     )
     w.finish()
-    a = _Reader(doc.get("alerts", {}), "alerts", problems, base)
+    a = _Reader(doc.get("alerts", {}), "alerts", problems)
     alerts = AlertsConfig(
         ping_url=a.get("ping_url", _url, None, "a healthchecks-style ping URL"),
         webhook_url=a.get("webhook_url", _url, None, "e.g. a Slack incoming-webhook URL"),
@@ -489,16 +486,6 @@ def parse_config(
     )
 
 
-def _default_state(environ: Mapping[str, str]) -> Path:
-    if environ is os.environ:
-        return default_state_dir()
-    systemd = environ.get("STATE_DIRECTORY")
-    if systemd:
-        return Path(systemd.split(":")[0])
-    xdg = environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return Path(xdg) / "chachaml-ops"
-
-
 def _stores(raw: Any, problems: list[Problem], path: Callable[[Any], Path]) -> list[StoreConfig]:
     if raw is None:
         problems.append(
@@ -514,7 +501,7 @@ def _stores(raw: Any, problems: list[Problem], path: Callable[[Any], Path]) -> l
     names: set[str] = set()
     dbs: dict[str, str] = {}
     for i, table in enumerate(raw):
-        r = _Reader(table, f"store[{i}]", problems, Path("."))
+        r = _Reader(table, f"store[{i}]", problems)
         if not r.ok:
             continue
         name = r.get("name", _string, None)

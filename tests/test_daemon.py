@@ -178,7 +178,7 @@ def test_shipped_example_config_is_valid(tmp_path, clean_store):
     text = text.replace("/srv/ml/chachaml.db", str(clean_store.db)).replace(
         "/var/lib/prometheus/node-exporter", str(tmp_path / "prom")
     )
-    config = parse_config(__import__("tomllib").loads(text), tmp_path / "x.toml", environ={})
+    config = parse_config(__import__("tomllib").loads(text), tmp_path / "x.toml")
     assert [s.name for s in config.stores] == ["main"]
     assert str(config.verify.schedule) == "0 3 * * *"
     assert config.watch.enabled is True
@@ -482,6 +482,27 @@ def test_watcher_logs_a_corrupt_new_artifact_a_deleted_one_and_an_orphan(tmp_pat
     assert kinds == ["hash_mismatch", "missing", "orphan_file"]  # each reported once
 
 
+def test_a_moved_run_folder_is_lost_events_and_triggers_a_rescan(tmp_path, clean_store):
+    config = write_config(
+        tmp_path / "c.toml",
+        clean_store,
+        state=tmp_path / "st",
+        extra='[watch]\nenabled = true\ndebounce = "0.2s"\n',
+    )
+    run_id = next(iter(clean_store.runs.values()))
+    moved = sum(1 for a in clean_store.artifacts if a[1] == run_id)
+    with DaemonProcess(config) as daemon:
+        daemon.event("watch_started")
+        folder = clean_store.artifact_dir / run_id
+        folder.rename(folder.with_name(run_id + ".moved"))
+        lost = daemon.event("watch_events_lost", timeout=10)
+        assert lost["reason"] == "a folder was moved" and lost["action"] == "rescan"
+        rescan = daemon.event("job_finished", job="rescan", timeout=15)
+        assert rescan["by_kind"]["missing"] == moved
+        assert rescan["by_kind"]["orphan_file"] == moved
+        assert daemon.stop() == 0
+
+
 def test_watcher_uses_polling_when_told_to(tmp_path, clean_store):
     config = write_config(
         tmp_path / "c.toml",
@@ -648,7 +669,7 @@ def test_services_are_rated_at_most_2_5_by_systemd_analyze_security(tmp_path, un
 
 def test_config_error_lists_each_problem_on_its_own_line():
     with pytest.raises(ConfigError) as info:
-        parse_config({"store": [{"name": "a b"}], "bogus": 1}, Path("/x.toml"), environ={})
+        parse_config({"store": [{"name": "a b"}], "bogus": 1}, Path("/x.toml"))
     keys = [p.key for p in info.value.problems]
     assert keys == ["store[0].name", "store[0].db", "bogus"]
     assert str(info.value).count("\n") == 3
