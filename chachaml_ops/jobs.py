@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,26 +68,27 @@ class JobRunner:
         """Run `job` on a store; None when the daemon stopped before the job could start."""
         store = self.config.store(store_name)
         log = get_logger("chachaml_ops.daemon", store=store.name, job=job)
-        try:
-            with self._locked(store, log):
-                return self._run_locked(store, job, log)
-        except Interrupted:
-            log.info("job_skipped", reason="daemon stopping")
-            return None
-        except StoreBusy as exc:
-            started = self.clock()
-            outcome = JobOutcome(
-                store.name, job, started, started, EXIT_CANNOT_CHECK, {"error": exc.one_line()}
-            )
-            log.error("job_failed", error=exc.one_line())
-            self._record(store, outcome)
-            return outcome
+        with ExitStack() as held:
+            try:
+                self._wait_for_lock(held, store, log)
+            except Interrupted:
+                log.info("job_skipped", reason="daemon stopping")
+                return None
+            except StoreBusy as exc:
+                started = self.clock()
+                outcome = JobOutcome(
+                    store.name, job, started, started, EXIT_CANNOT_CHECK, {"error": exc.one_line()}
+                )
+                log.error("job_failed", error=exc.one_line())
+                self._record(store, outcome)
+                return outcome
+            return self._run_locked(store, job, log)
 
-    @contextmanager
-    def _locked(self, store: StoreConfig, log):
-        """Wait for the store's lock (another job or a CLI run has it), checking for stop.
+    def _wait_for_lock(self, held: ExitStack, store: StoreConfig, log) -> None:
+        """Take the store's lock into `held`, waiting while another job or a CLI run has it.
 
-        A busy store delays the job; it is never run twice side by side.
+        A busy store delays the job; it never runs twice side by side. Waiting ends when the
+        daemon stops (Interrupted) or after lock_wait (StoreBusy).
         """
         deadline = time.monotonic() + self.config.lock_wait
         waited = False
@@ -95,19 +96,21 @@ class JobRunner:
             if self.should_stop():
                 raise Interrupted
             try:
-                with store_lock(
-                    self.config.state_dir, store.db, wait=1.0, holder="chachaml-ops daemon"
-                ):
-                    if waited:
-                        log.info("store_free")
-                    yield
-                    return
+                held.enter_context(
+                    store_lock(
+                        self.config.state_dir, store.db, wait=1.0, holder="chachaml-ops daemon"
+                    )
+                )
             except StoreBusy as exc:
                 if time.monotonic() >= deadline:
                     raise
                 if not waited:
                     log.info("store_busy", detail=exc.one_line())
                     waited = True
+                continue
+            if waited:
+                log.info("store_free")
+            return
 
     def _run_locked(self, store: StoreConfig, job: str, log) -> JobOutcome:
         run_id = str(uuid.uuid4())

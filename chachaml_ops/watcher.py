@@ -211,11 +211,16 @@ class StoreWatcher:
                     tree.forget()
                     for relpath in due:
                         self._check(store, tree, relpath)
-                except OpsError as exc:
-                    # The DB is locked or gone for a moment: keep the hints, try again soon.
-                    self.log.warning("watch_check_failed", error=exc.one_line())
+                except Exception as exc:
+                    # The DB is locked or gone for a moment (or a bug): keep the hints, retry
+                    # soon, and keep watching; the scheduled full scan stays the safety net.
+                    if isinstance(exc, OpsError):
+                        self.log.warning("watch_check_failed", error=exc.one_line())
+                    else:
+                        self.log.exception("watch_check_crashed")
                     for relpath in due:
-                        self.pending[relpath].due = self.clock() + max(self.config.debounce, 1.0)
+                        if relpath in self.pending:
+                            self.pending[relpath].due = self.clock() + max(self.config.debounce, 1)
                     if store is not None:
                         store.close()
                         store = None

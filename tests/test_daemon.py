@@ -44,17 +44,10 @@ SYSTEMD = ROOT / "systemd"
 NIGHTLY = "0 3 * * *"
 
 
-def write_config(path: Path, store, *, state: Path, extra: str = "", store_extra: str = "") -> Path:
+def write_config(path: Path, store, *, state: Path, extra: str = "", top: str = "") -> Path:
+    """A config for one store named main; `top` goes before the tables, `extra` after."""
     path.write_text(
-        textwrap.dedent(
-            f"""\
-            state_dir = "{state}"
-            [[store]]
-            name = "main"
-            db = "{store.db}"
-            {store_extra}
-            """
-        )
+        f'state_dir = "{state}"\n{top}\n[[store]]\nname = "main"\ndb = "{store.db}"\n'
         + textwrap.dedent(extra)
     )
     return path
@@ -263,8 +256,9 @@ def http_server():
     server.server_close()
 
 
-def _config(tmp_path, store, extra=""):
-    return load_config(write_config(tmp_path / "c.toml", store, state=tmp_path / "st", extra=extra))
+def _config(tmp_path, store, extra="", top=""):
+    config = write_config(tmp_path / "c.toml", store, state=tmp_path / "st", extra=extra, top=top)
+    return load_config(config)
 
 
 def test_ping_and_webhook_report_a_job_and_only_new_error_findings(
@@ -321,6 +315,17 @@ def test_unreachable_alert_urls_never_break_a_job(tmp_path, clean_store):
     assert outcome.exit_code == 0
     with StateDB(config.state_dir) as state:
         assert state.last_job(config.stores[0].state_key, "orphans", success=True) is not None
+
+
+def test_a_store_busy_past_lock_wait_fails_the_job_instead_of_doubling_it(tmp_path, clean_store):
+    from chachaml_ops.state import store_lock
+
+    config = _config(tmp_path, clean_store, top='lock_wait = "0s"')
+    with store_lock(config.state_dir, clean_store.db, holder="chachaml-ops backup (cli)"):
+        outcome = JobRunner(config, lambda: False).run("main", "orphans")
+    assert outcome.exit_code == 3
+    assert "another chachaml-ops job is working on" in outcome.summary["error"]
+    assert "chachaml-ops backup (cli)" in outcome.summary["error"]
 
 
 def test_a_stopped_verify_is_recorded_as_interrupted_not_as_a_success(tmp_path, clean_store):
