@@ -7,6 +7,9 @@ same code runs whether a job was fired by cron, by catch-up at start, or by a lo
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import sqlite3
 import threading
 import time
 import uuid
@@ -34,6 +37,10 @@ RESCAN = "rescan"
 
 class BackupUnavailable(OpsError):
     """This build has no chachaml_ops.backup module (or it lacks run_backup)."""
+
+
+class StateUnreadable(OpsError):
+    """The state dir cannot be opened (usually: not the service user)."""
 
 
 class Interrupted(Exception):
@@ -361,12 +368,9 @@ def run_backup_adapter(
 
 def read_daemon_status(state_dir: Path) -> dict[str, Any] | None:
     """The running daemon's status file, or None when there is none or its process is gone."""
-    import json
-    import os
-
     try:
         doc = json.loads((Path(state_dir) / "daemon.json").read_text("utf-8"))
-    except (FileNotFoundError, ValueError):
+    except (OSError, ValueError):
         return None
     if doc.get("stopped"):
         return None
@@ -389,7 +393,14 @@ def status_report(
         (j["store"], j["job"]): j.get("next_run") for j in (daemon_doc or {}).get("jobs", [])
     }
     stores = []
-    with StateDB(config.state_dir) as state:
+    try:
+        state = StateDB(config.state_dir)
+    except (OSError, sqlite3.Error) as exc:
+        raise StateUnreadable(
+            f"cannot read the state dir {config.state_dir}: {exc}",
+            "run as the service user, e.g. sudo -u chachaml-ops chachaml-ops status",
+        ) from None
+    with state:
         for store in config.stores:
             tasks = {}
             for task in ("verify", "orphans", "backup"):

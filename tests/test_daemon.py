@@ -487,6 +487,16 @@ def test_watcher_logs_a_corrupt_new_artifact_a_deleted_one_and_an_orphan(tmp_pat
     assert kinds == ["hash_mismatch", "missing", "orphan_file"]  # each reported once
 
 
+def test_status_with_an_unreadable_state_dir_is_one_error_line(tmp_path, clean_store):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    config = write_config(tmp_path / "c.toml", clean_store, state=blocker / "state")
+    result = run_cli("status", "--config", config)
+    assert result.code == 3
+    assert result.stderr.startswith(f"Error: cannot read the state dir {blocker / 'state'}")
+    assert "sudo -u chachaml-ops" in result.stderr
+
+
 def test_a_moved_run_folder_is_lost_events_and_triggers_a_rescan(tmp_path, clean_store):
     config = write_config(
         tmp_path / "c.toml",
