@@ -205,7 +205,7 @@ class Daemon:
         self.notifier.ready(self._status_text())
         self._write_status()
         interval = self.notifier.watchdog_interval
-        shown = ""
+        shown, pinged = "", 0.0
         while not self.stop_event.is_set():
             self.wake.wait(timeout=min(interval or 1.0, 1.0))
             self.wake.clear()
@@ -214,7 +214,10 @@ class Daemon:
             if self.reload_requested:
                 self.reload_requested = False
                 self.reload()
-            if interval:
+            # From the main loop, not a job thread: a wedged loop stops the pings and systemd
+            # restarts the service, while a long verify never looks like a hang.
+            if interval and time.monotonic() - pinged >= interval:
+                pinged = time.monotonic()
                 self.notifier.watchdog()
             text = self._status_text()
             if text != shown:

@@ -44,6 +44,7 @@ RescanFn = Callable[[str, str], None]
 # File systems where inotify sees only local changes (or nothing): poll them instead.
 NO_INOTIFY = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "lustre", "gpfs")
 _QUEUE_LIMIT = 100_000
+_OVERFLOW_LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify")
 
 
 @dataclass
@@ -166,7 +167,10 @@ class StoreWatcher:
         if polling:
             self.observer = self._start(PollingObserver(timeout=self.config.poll_interval), handler)
             self.mode = "polling"
-        for name in ("watchdog.observers.inotify_c", "watchdog.observers.inotify"):
+        # watchdog does not say which watch overflowed, so every watched store rescans; the
+        # level is pinned so a quiet log_level cannot swallow the signal.
+        for name in _OVERFLOW_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
             logging.getLogger(name).addHandler(self._spotter)
         self._worker.start()
         self.log.info("watch_started", path=str(root), mode=self.mode, fs=fstype or "unknown")
@@ -178,7 +182,7 @@ class StoreWatcher:
 
     def stop(self) -> None:
         self.stopping.set()
-        for name in ("watchdog.observers.inotify_c", "watchdog.observers.inotify"):
+        for name in _OVERFLOW_LOGGERS:
             logging.getLogger(name).removeHandler(self._spotter)
         if self.observer is not None:
             self.observer.stop()
