@@ -518,6 +518,27 @@ def test_a_moved_run_folder_is_lost_events_and_triggers_a_rescan(tmp_path, clean
         assert daemon.stop() == 0
 
 
+def test_an_inotify_queue_overflow_asks_for_a_rescan(tmp_path, clean_store):
+    import logging
+
+    from chachaml_ops.watcher import StoreWatcher
+
+    config = _config(tmp_path, clean_store, "[watch]\nenabled = true\n")
+    asked: list[tuple[str, str]] = []
+    watcher = StoreWatcher(
+        config.stores[0], config.watch, lambda *a: None, lambda *a: asked.append(a)
+    )
+    watcher.start()
+    try:
+        # the line watchdog logs when the kernel reports IN_Q_OVERFLOW
+        logging.getLogger("watchdog.observers.inotify_c").warning(
+            "Inotify queue overflowed; filesystem events were lost"
+        )
+    finally:
+        watcher.stop()
+    assert asked == [("main", "inotify queue overflow")]
+
+
 def test_watcher_uses_polling_when_told_to(tmp_path, clean_store):
     config = write_config(
         tmp_path / "c.toml",
