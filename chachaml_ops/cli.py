@@ -362,6 +362,134 @@ def demo(directory: Path, scale: float, seed: int, clean: bool):
     click.echo(f"Next: chachaml-ops verify --db {store.db}")
 
 
+def _load_config(path: Path | None):
+    from chachaml_ops.config import find_config, load_config
+
+    return load_config(find_config(path))
+
+
+@cli.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="TOML config. Default: $CHACHAML_OPS_CONFIG, else /etc/chachaml-ops/config.toml.",
+)
+def daemon(config_path: Path | None):
+    """Run scheduled verify/orphans/backup jobs and watch artifact dirs, until SIGTERM.
+
+    Sends sd_notify READY/STATUS/WATCHDOG/STOPPING under systemd (Type=notify). SIGHUP
+    reloads the config (a bad new config keeps the old one). Exit 0 on SIGTERM/SIGINT,
+    3 if the config is unusable.
+
+    \b
+    Example:
+      chachaml-ops daemon --config /etc/chachaml-ops/config.toml
+    """
+    from chachaml_ops.config import find_config
+    from chachaml_ops.daemon import run_daemon
+
+    sys.exit(run_daemon(find_config(config_path)))
+
+
+@cli.group()
+def config():
+    """Check the daemon's TOML config."""
+
+
+@config.command("check")
+@click.argument("file", type=click.Path(path_type=Path), required=False)
+def config_check(file: Path | None):
+    """Validate FILE without starting anything; list every problem with its key.
+
+    Exit 0 valid, 3 with one line per problem.
+
+    \b
+    Example:
+      chachaml-ops config check /etc/chachaml-ops/config.toml
+    """
+    from chachaml_ops.config import describe
+
+    click.echo("\n".join(describe(_load_config(file))))
+
+
+@cli.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="TOML config. Default: $CHACHAML_OPS_CONFIG, else /etc/chachaml-ops/config.toml.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def status(config_path: Path | None, as_json: bool):
+    """Each store's last verify / orphans / backup results and when each job runs next.
+
+    Read from the state dir; works whether or not the daemon is running.
+
+    \b
+    Example:
+      chachaml-ops status --config /etc/chachaml-ops/config.toml
+    """
+    import json
+
+    from chachaml_ops.daemon import next_runs
+    from chachaml_ops.jobs import read_daemon_status, status_report
+
+    cfg = _load_config(config_path)
+    doc = status_report(cfg, read_daemon_status(cfg.state_dir), next_runs(cfg))
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    click.echo(_render_status(doc))
+
+
+def _when(ts: float | None) -> str:
+    from chachaml_ops.report import iso_time
+
+    return iso_time(ts) if ts else "-"
+
+
+def _render_status(doc: dict) -> str:
+    from chachaml_ops.report import human_duration
+
+    d = doc["daemon"]
+    lines = [
+        f"config: {doc['config']}",
+        f"state dir: {doc['state_dir']}",
+        f"daemon: running (pid {d['pid']})" if d["running"] else "daemon: not running",
+    ]
+    now = time.time()
+    for store in doc["stores"]:
+        lines.append("")
+        lines.append(f"store {store['name']}: {store['db']}")
+        for task, info in store["jobs"].items():
+            last = info["last_run"]
+            if last is None:
+                result = "never ran"
+            else:
+                summary = last["summary"]
+                kinds = ", ".join(f"{k} {n}" for k, n in summary.get("by_kind", {}).items())
+                result = f"exit {last['exit_code']} at {_when(last['finished'])}"
+                if summary.get("error"):
+                    result += f" ({summary['error']})"
+                elif kinds:
+                    result += f" ({kinds})"
+            if info["schedule"] is None:
+                nxt = "not scheduled"
+            elif info["next_run"] is None:
+                nxt = "next: -"
+            elif info["next_run"] <= now:
+                nxt = "next: now (due)"
+            else:
+                nxt = (
+                    f"next {_when(info['next_run'])} (in {human_duration(info['next_run'] - now)})"
+                )
+            lines.append(f"  {task:<8} last: {result}; {nxt}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         rv = cli.main(args=argv, prog_name="chachaml-ops", standalone_mode=False)

@@ -308,6 +308,28 @@ class Store:
         args = (_bind(run_id), _bind(name))
         return self._guard(lambda: self.conn.execute(sql, args).fetchone()) is not None
 
+    def artifact_row(self, run_id: str, name: str) -> ArtifactRow | None:
+        """The row for one (run_id, name), or None: what the file watcher checks a file against."""
+        sql = (
+            "SELECT id, run_id, name, path, size, hash, created_at FROM artifacts"
+            " WHERE run_id = CAST(? AS TEXT) AND name = CAST(? AS TEXT) LIMIT 1"
+        )
+        args = (_bind(run_id), _bind(name))
+        r = self._guard(lambda: self.conn.execute(sql, args).fetchone())
+        if r is None:
+            return None
+        return ArtifactRow(
+            id=str(r[0]),
+            run_id=str(r[1]),
+            name=str(r[2]),
+            path=r[3] if isinstance(r[3], str) else str(r[3] or ""),
+            size=r[4] if isinstance(r[4], int) else None,
+            hash=r[5].lower() if isinstance(r[5], str) else None,
+            created_at=r[6] if isinstance(r[6], int) else None,
+            run_known=None,
+            run_status=None,
+        )
+
     # -- scratch space for joins ---------------------------------------------------------
 
     def _scratch(self, sql: str, rows: Iterable[tuple]) -> None:

@@ -1,0 +1,711 @@
+"""The daemon: config validation, catch-up, watching, signals, sd_notify, locks, alerts, units.
+
+Daemon behaviour is tested on real processes (`python -m chachaml_ops daemon`) against real
+stores in tmp_path; schedules that never fire during a test keep runs down to catch-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from chachaml_ops.config import (
+    ConfigError,
+    load_config,
+    parse_config,
+    parse_cron,
+)
+from chachaml_ops.daemon import cron_trigger, is_due
+from chachaml_ops.demo import ChachamlWriter
+from chachaml_ops.jobs import JobRunner
+from chachaml_ops.metrics import Sample, render, write_textfile
+from chachaml_ops.notify import Notifier
+from chachaml_ops.state import StateDB
+
+ROOT = Path(__file__).resolve().parent.parent
+SYSTEMD = ROOT / "systemd"
+# Schedules that will not fire while a test runs: only catch-up at start runs jobs.
+NIGHTLY = "0 3 * * *"
+
+
+def write_config(path: Path, store, *, state: Path, extra: str = "", top: str = "") -> Path:
+    """A config for one store named main; `top` goes before the tables, `extra` after."""
+    path.write_text(
+        f'state_dir = "{state}"\n{top}\n[[store]]\nname = "main"\ndb = "{store.db}"\n'
+        + textwrap.dedent(extra)
+    )
+    return path
+
+
+class DaemonProcess:
+    """`chachaml-ops daemon` in its own process, its JSON log lines collected as they come."""
+
+    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "chachaml_ops", "daemon", "--config", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.events: list[dict] = []
+        self.raw: list[str] = []
+        self._new: queue.Queue[dict] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.raw.append(line)
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            self.events.append(event)
+            self._new.put(event)
+
+    def wait_for(self, predicate, timeout: float = 15.0) -> dict:
+        """The first logged event (past or future) for which predicate(event) is true."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            for event in self.events[seen:]:
+                if predicate(event):
+                    return event
+            seen = len(self.events)
+            left = deadline - time.monotonic()
+            if left <= 0 or (self.proc.poll() is not None and self._new.empty()):
+                raise AssertionError(
+                    f"no matching event in {timeout}s; exit {self.proc.poll()}; log:\n"
+                    + "".join(self.raw[-40:])
+                )
+            with contextlib.suppress(queue.Empty):
+                self._new.get(timeout=min(left, 0.2))
+
+    def event(self, name: str, timeout: float = 15.0, **fields) -> dict:
+        return self.wait_for(
+            lambda e: e.get("event") == name and all(e.get(k) == v for k, v in fields.items()),
+            timeout,
+        )
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=2)
+        return code
+
+    def __enter__(self) -> DaemonProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# -- config -------------------------------------------------------------------------------
+
+
+def test_config_errors_are_all_listed_in_one_run(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text(
+        textwrap.dedent(
+            f"""\
+            state_dri = "{tmp_path}/state"
+            [[store]]
+            name = "main"
+            db = "{tmp_path}/no-such.db"
+            [verify]
+            schedule = "0 25 * * *"
+            """
+        )
+    )
+    result = run_cli("config", "check", config)
+    assert result.code == 3
+    lines = result.stderr.splitlines()
+    assert lines[0] == f"Error: {config}: 3 problem(s) in the config"
+    assert any(
+        ln.strip().startswith("state_dri: unknown key") and "did you mean 'state_dir'" in ln
+        for ln in lines
+    )
+    assert any(ln.strip().startswith("store[0].db: no database file at") for ln in lines)
+    assert any(ln.strip().startswith("verify.schedule: hour: 25 is outside 0-23") for ln in lines)
+
+
+def test_daemon_with_a_bad_config_exits_3_before_starting(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text('[[store]]\nname = "x"\ndb = "nowhere.db"\n[watch]\nenabled = "yes"\n')
+    result = run_cli("daemon", "--config", config, timeout=30)
+    assert result.code == 3
+    assert "store[0].db: no database file" in result.stderr
+    assert "watch.enabled: must be true or false" in result.stderr
+
+
+def test_config_is_found_through_the_environment_variable(tmp_path, clean_store):
+    config = write_config(tmp_path / "c.toml", clean_store, state=tmp_path / "state")
+    result = run_cli("config", "check", env={**os.environ, "CHACHAML_OPS_CONFIG": str(config)})
+    assert result.code == 0, result.stderr
+    assert f"config {config}: OK" in result.stdout
+
+
+def test_shipped_example_config_is_valid(tmp_path, clean_store):
+    text = (SYSTEMD / "config.example.toml").read_text()
+    (tmp_path / "prom").mkdir()
+    text = text.replace("/srv/ml/chachaml.db", str(clean_store.db)).replace(
+        "/var/lib/prometheus/node-exporter", str(tmp_path / "prom")
+    )
+    config = parse_config(__import__("tomllib").loads(text), tmp_path / "x.toml")
+    assert [s.name for s in config.stores] == ["main"]
+    assert str(config.verify.schedule) == "0 3 * * *"
+    assert config.watch.enabled is True
+
+
+def test_relative_paths_are_relative_to_the_config_file(tmp_path, clean_store):
+    (tmp_path / "etc").mkdir()
+    rel = os.path.relpath(clean_store.db, tmp_path / "etc")
+    config = tmp_path / "etc" / "c.toml"
+    config.write_text(f'state_dir = "st"\n[[store]]\nname = "a"\ndb = "{rel}"\n')
+    loaded = load_config(config)
+    assert loaded.state_dir == tmp_path / "etc" / "st"
+    assert loaded.stores[0].db.resolve() == clean_store.db.resolve()
+    assert loaded.stores[0].artifact_dir.resolve() == clean_store.artifact_dir.resolve()
+
+
+def test_cron_accepts_names_steps_ranges_and_sunday_as_7():
+    spec = parse_cron("*/15 2-4 * jan,Jul sat-sun")
+    assert spec.minute == (0, 15, 30, 45)
+    assert spec.hour == (2, 3, 4)
+    assert spec.month == (1, 7)
+    assert parse_cron("0 0 * * 7").day_of_week == (0,)
+    assert parse_cron("0 0 * * 1-5").day_of_week == (1, 2, 3, 4, 5)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("0 3 * *", "has 4 field(s)"),
+        ("60 * * * *", "minute: 60 is outside 0-59"),
+        ("0 3 * * funday", "day of week: 'funday' is not a number"),
+        ("0 3 1 * mon", "not both"),
+        ("*/0 * * * *", "step '0' must be a positive number"),
+        ("0 5-2 * * *", "runs backwards"),
+    ],
+)
+def test_bad_cron_lines_say_what_is_wrong(line, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_cron(line)
+
+
+def test_crontab_sunday_is_sunday_in_the_scheduler():
+    # APScheduler counts weekdays from Monday; a naive from_crontab would run this on Monday.
+    trigger = cron_trigger(parse_cron("0 3 * * 0"), "UTC")
+    nxt = trigger.get_next_fire_time(None, datetime(2026, 12, 3, tzinfo=UTC))  # a Thursday
+    assert nxt == datetime(2026, 12, 6, 3, 0, tzinfo=UTC)
+    assert nxt.strftime("%A") == "Sunday"
+
+
+def test_a_job_is_due_when_a_scheduled_time_passed_since_its_last_success():
+    spec = parse_cron(NIGHTLY)
+    night = datetime(2026, 12, 3, 3, 0, tzinfo=UTC).timestamp()
+    assert is_due(spec, "UTC", None, night)  # never ran
+    assert is_due(spec, "UTC", night - 86400, night + 60)  # missed last night's run
+    assert not is_due(spec, "UTC", night + 1, night + 3600)  # ran tonight already
+    assert not is_due(spec, "Europe/Berlin", night + 1, night + 3600)
+
+
+# -- jobs in process: alerts, interruption, metrics -----------------------------------------
+
+
+class Recorder(BaseHTTPRequestHandler):
+    def do_POST(self):
+        length = int(self.headers.get("Content-Length", 0))
+        self.server.requests.append((self.path, self.rfile.read(length)))
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"OK")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    server.requests = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _config(tmp_path, store, extra="", top=""):
+    config = write_config(tmp_path / "c.toml", store, state=tmp_path / "st", extra=extra, top=top)
+    return load_config(config)
+
+
+def test_ping_and_webhook_report_a_job_and_only_new_error_findings(
+    tmp_path, store_factory, http_server
+):
+    store = store_factory(["bit_rot"])
+    base = f"http://127.0.0.1:{http_server.server_port}"
+    config = _config(
+        tmp_path,
+        store,
+        f"""
+        [verify]
+        schedule = "{NIGHTLY}"
+        min_age = "0s"
+        [alerts]
+        ping_url = "{base}/ping/abc"
+        webhook_url = "{base}/hook"
+        timeout = "2s"
+        """,
+    )
+    runner = JobRunner(config, lambda: False)
+    outcome = runner.run("main", "verify")
+    assert outcome.exit_code == 2
+    paths = [p for p, _ in http_server.requests]
+    start, hook, end = paths
+    assert start.startswith("/ping/abc/start?rid=")
+    assert hook == "/hook"
+    assert end == "/ping/abc/2?rid=" + start.split("rid=")[1]  # the same run id pairs them
+    body = json.loads(http_server.requests[1][1])
+    assert "1 new error finding(s) in store main" in body["text"]
+    assert "hash_mismatch" in body["text"]
+    assert [f["kind"] for f in body["findings"]] == ["hash_mismatch"]
+
+    http_server.requests.clear()
+    runner.run("main", "verify")
+    assert [p.split("?")[0] for p, _ in http_server.requests] == ["/ping/abc/start", "/ping/abc/2"]
+
+
+def test_unreachable_alert_urls_never_break_a_job(tmp_path, clean_store):
+    with socket.socket() as s:  # a port with nobody listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = _config(
+        tmp_path,
+        clean_store,
+        f"""
+        [alerts]
+        ping_url = "http://127.0.0.1:{port}/p"
+        webhook_url = "http://127.0.0.1:{port}/h"
+        timeout = "1s"
+        """,
+    )
+    outcome = JobRunner(config, lambda: False).run("main", "orphans")
+    assert outcome.exit_code == 0
+    with StateDB(config.state_dir) as state:
+        assert state.last_job(config.stores[0].state_key, "orphans", success=True) is not None
+
+
+def test_a_store_busy_past_lock_wait_fails_the_job_instead_of_doubling_it(tmp_path, clean_store):
+    from chachaml_ops.state import store_lock
+
+    config = _config(tmp_path, clean_store, top='lock_wait = "0s"')
+    with store_lock(config.state_dir, clean_store.db, holder="chachaml-ops backup (cli)"):
+        outcome = JobRunner(config, lambda: False).run("main", "orphans")
+    assert outcome.exit_code == 3
+    assert "another chachaml-ops job is working on" in outcome.summary["error"]
+    assert "chachaml-ops backup (cli)" in outcome.summary["error"]
+
+
+def test_a_stopped_verify_is_recorded_as_interrupted_not_as_a_success(tmp_path, clean_store):
+    config = _config(tmp_path, clean_store, "[verify]\njobs = 1\n")
+    calls = iter(range(10_000))
+    # The daemon's stop flag turns true after a few files: the check ends at a file boundary.
+    outcome = JobRunner(config, lambda: next(calls) > 5).run("main", "verify")
+    assert outcome.exit_code == 3
+    assert outcome.summary["interrupted"] is True
+    assert 0 < outcome.summary["rows"] < len(clean_store.artifacts)
+    with StateDB(config.state_dir) as state:
+        assert state.last_job(config.stores[0].state_key, "verify", success=True) is None
+
+
+def test_a_configured_subset_rotates_so_t_runs_hash_every_artifact(tmp_path, clean_store):
+    config = _config(tmp_path, clean_store, '[verify]\nsubset = "1/3"\njobs = 1\n')
+    runner = JobRunner(config, lambda: False)
+    runs = [runner.run("main", "verify").summary for _ in range(4)]
+    assert [r["subset"] for r in runs] == ["1/3", "2/3", "3/3", "1/3"]
+    assert sum(r["files_hashed"] for r in runs[:3]) == len(clean_store.artifacts)
+    assert runs[3]["files_hashed"] == runs[0]["files_hashed"]
+
+
+def test_metrics_render_labels_escaped_and_write_is_atomic(tmp_path):
+    text = render(
+        [
+            Sample("findings", {"store": 'a"b', "job": "verify", "kind": "missing"}, 3),
+            Sample("verify_duration_seconds", {"store": "a"}, 1.5),
+        ]
+    )
+    assert 'chachaml_ops_findings{job="verify",kind="missing",store="a\\"b"} 3' in text
+    assert "# TYPE chachaml_ops_verify_duration_seconds gauge" in text
+    target = tmp_path / "m.prom"
+    write_textfile(target, text)
+    write_textfile(target, text)
+    assert target.read_text() == text
+    assert [p.name for p in tmp_path.iterdir()] == ["m.prom"]  # no temp file left behind
+
+
+def test_notifier_reaches_an_abstract_socket_and_is_a_no_op_without_one():
+    name = f"chachaml-ops-test-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name)
+        sock.settimeout(2)
+        assert Notifier({"NOTIFY_SOCKET": "@" + name}).ready("up")
+        assert sock.recv(4096) == b"READY=1\nSTATUS=up"
+    assert not Notifier({}).ready()
+    assert Notifier({"WATCHDOG_USEC": "4000000"}).watchdog_interval == 2.0
+
+
+# -- the daemon as a process ----------------------------------------------------------------
+
+
+def test_catch_up_at_start_runs_every_job_writes_metrics_and_status(tmp_path, store_factory):
+    store = store_factory(["bit_rot"])
+    prom = tmp_path / "prom"
+    prom.mkdir()
+    config = write_config(
+        tmp_path / "c.toml",
+        store,
+        state=tmp_path / "st",
+        extra=f"""
+        [verify]
+        schedule = "{NIGHTLY}"
+        [orphans]
+        schedule = "{NIGHTLY}"
+        [metrics]
+        textfile = "{prom}/chachaml_ops.prom"
+        """,
+    )
+    with DaemonProcess(config) as daemon:
+        started = daemon.event("daemon_started")
+        assert sorted(started["catch_up"]) == ["main:orphans", "main:verify"]
+        finished = daemon.event("job_finished", job="verify")
+        assert finished["exit_code"] == 2 and finished["by_kind"] == {"hash_mismatch": 1}
+        assert daemon.event("finding", kind="hash_mismatch")["store"] == "main"
+        daemon.event("job_finished", job="orphans")
+        status = run_cli("status", "--config", config)
+        assert daemon.stop() == 0
+    metrics = (prom / "chachaml_ops.prom").read_text()
+    assert 'chachaml_ops_verify_last_success_timestamp_seconds{store="main"}' in metrics
+    assert 'chachaml_ops_findings{job="verify",kind="hash_mismatch",store="main"} 1' in metrics
+    assert f'chachaml_ops_artifacts{{store="main"}} {len(store.artifacts)}' in metrics
+    assert 'chachaml_ops_orphans_last_success_timestamp_seconds{store="main"}' in metrics
+    assert "daemon: running" in status.stdout
+    assert "verify   last: exit 2" in status.stdout and "next 20" in status.stdout
+
+    # Started again right away: nothing was missed, so nothing runs at start.
+    with DaemonProcess(config) as daemon:
+        assert daemon.event("daemon_started")["catch_up"] == []
+        assert daemon.stop() == 0
+    status = run_cli("status", "--config", config, "--json").json()
+    assert status["daemon"]["running"] is False
+    verify = status["stores"][0]["jobs"]["verify"]
+    assert verify["last_run"]["exit_code"] == 2 and verify["next_run"] > time.time()
+
+
+def test_catch_up_at_start_makes_a_backup(tmp_path, clean_store):
+    pytest.importorskip("chachaml_ops.backup")
+    config = write_config(
+        tmp_path / "c.toml",
+        clean_store,
+        state=tmp_path / "st",
+        extra=f"""
+        [backup]
+        schedule = "{NIGHTLY}"
+        dir = "{tmp_path}/backups"
+        [metrics]
+        textfile = "{tmp_path}/m.prom"
+        """,
+    )
+    with DaemonProcess(config) as daemon:
+        finished = daemon.event("job_finished", job="backup", timeout=30)
+        assert finished["exit_code"] == 0
+        assert daemon.stop() == 0
+    archives = list((tmp_path / "backups").iterdir())
+    assert len(archives) >= 1
+    metrics = (tmp_path / "m.prom").read_text()
+    assert 'chachaml_ops_backup_last_success_timestamp_seconds{store="main"}' in metrics
+    size = max(p.stat().st_size for p in archives)
+    assert f'chachaml_ops_backup_size_bytes{{store="main"}} {size}' in metrics
+
+
+def test_watcher_logs_a_corrupt_new_artifact_a_deleted_one_and_an_orphan(tmp_path, clean_store):
+    config = write_config(
+        tmp_path / "c.toml",
+        clean_store,
+        state=tmp_path / "st",
+        extra="""
+        [watch]
+        enabled = true
+        debounce = "0.3s"
+        grace = "1.5s"
+        """,
+    )
+    run_id = next(iter(clean_store.runs.values()))
+    doomed = next(a for a in clean_store.artifacts if a[1] == run_id)
+    with DaemonProcess(config) as daemon:
+        assert daemon.event("watch_started")["mode"] == "inotify"
+        writer = ChachamlWriter(clean_store.db, clean_store.artifact_dir)
+        t0 = time.monotonic()
+        writer.log_artifact(run_id, "new/weights.bin", b"A" * 4096)
+        # bit rot right after the write: same size, different bytes than the row's hash
+        (clean_store.artifact_dir / run_id / "new" / "weights.bin").write_bytes(b"B" * 4096)
+        (clean_store.artifact_dir / run_id / doomed[2]).unlink()
+        writer.write_bytes(run_id, "crashed.bin", b"no row will ever come")
+        writer.close()
+
+        corrupt = daemon.event("finding", kind="hash_mismatch", timeout=10)
+        missing = daemon.event("finding", kind="missing", timeout=10)
+        assert time.monotonic() - t0 < 5
+        assert corrupt["path"] == f"{run_id}/new/weights.bin" and corrupt["store"] == "main"
+        assert missing["path"] == f"{run_id}/{doomed[2]}"
+        assert missing["artifact_id"] == doomed[0]
+        orphan = daemon.event("finding", kind="orphan_file", timeout=10)
+        assert orphan["path"] == f"{run_id}/crashed.bin"
+        assert daemon.stop() == 0
+    kinds = sorted(e["kind"] for e in daemon.events if e.get("event") == "finding")
+    assert kinds == ["hash_mismatch", "missing", "orphan_file"]  # each reported once
+
+
+def test_status_with_an_unreadable_state_dir_is_one_error_line(tmp_path, clean_store):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    config = write_config(tmp_path / "c.toml", clean_store, state=blocker / "state")
+    result = run_cli("status", "--config", config)
+    assert result.code == 3
+    assert result.stderr.startswith(f"Error: cannot read the state dir {blocker / 'state'}")
+    assert "sudo -u chachaml-ops" in result.stderr
+
+
+def test_a_moved_run_folder_is_lost_events_and_triggers_a_rescan(tmp_path, clean_store):
+    config = write_config(
+        tmp_path / "c.toml",
+        clean_store,
+        state=tmp_path / "st",
+        extra='[watch]\nenabled = true\ndebounce = "0.2s"\n',
+    )
+    run_id = next(iter(clean_store.runs.values()))
+    moved = sum(1 for a in clean_store.artifacts if a[1] == run_id)
+    with DaemonProcess(config) as daemon:
+        daemon.event("watch_started")
+        folder = clean_store.artifact_dir / run_id
+        folder.rename(folder.with_name(run_id + ".moved"))
+        lost = daemon.event("watch_events_lost", timeout=10)
+        assert lost["reason"] == "a folder was moved" and lost["action"] == "rescan"
+        rescan = daemon.event("job_finished", job="rescan", timeout=15)
+        assert rescan["by_kind"]["missing"] == moved
+        assert rescan["by_kind"]["orphan_file"] == moved
+        assert daemon.stop() == 0
+
+
+def test_an_inotify_queue_overflow_asks_for_a_rescan(tmp_path, clean_store):
+    import logging
+
+    from chachaml_ops.watcher import StoreWatcher
+
+    config = _config(tmp_path, clean_store, "[watch]\nenabled = true\n")
+    asked: list[tuple[str, str]] = []
+    watcher = StoreWatcher(
+        config.stores[0], config.watch, lambda *a: None, lambda *a: asked.append(a)
+    )
+    watcher.start()
+    try:
+        # the line watchdog logs when the kernel reports IN_Q_OVERFLOW
+        logging.getLogger("watchdog.observers.inotify_c").warning(
+            "Inotify queue overflowed; filesystem events were lost"
+        )
+    finally:
+        watcher.stop()
+    assert asked == [("main", "inotify queue overflow")]
+
+
+def test_watcher_uses_polling_when_told_to(tmp_path, clean_store):
+    config = write_config(
+        tmp_path / "c.toml",
+        clean_store,
+        state=tmp_path / "st",
+        extra="""
+        [watch]
+        enabled = true
+        polling = true
+        poll_interval = "0.2s"
+        debounce = "0.1s"
+        """,
+    )
+    doomed = clean_store.artifacts[0]
+    with DaemonProcess(config) as daemon:
+        assert daemon.event("watch_started")["mode"] == "polling"
+        (clean_store.artifact_dir / doomed[1] / doomed[2]).unlink()
+        assert daemon.event("finding", kind="missing", timeout=10)["artifact_id"] == doomed[0]
+        assert daemon.stop() == 0
+
+
+def _notify_socket(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(10)
+    return sock
+
+
+def _messages_until(sock: socket.socket, wanted: str) -> list[str]:
+    seen: list[str] = []
+    while True:
+        seen.append(sock.recv(4096).decode())
+        if wanted in seen[-1].splitlines():
+            return seen
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_exits_0_with_stopping_sent_to_notify_socket(tmp_path, clean_store, sig):
+    config = write_config(tmp_path / "c.toml", clean_store, state=tmp_path / "st")
+    path = str(tmp_path / "notify.sock")
+    with _notify_socket(path) as sock:
+        env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"}
+        with DaemonProcess(config, env) as daemon:
+            ready = _messages_until(sock, "READY=1")[-1]
+            assert "STATUS=idle" in ready
+            _messages_until(sock, "WATCHDOG=1")
+            t0 = time.monotonic()
+            daemon.proc.send_signal(sig)
+            tail = _messages_until(sock, "STOPPING=1")
+            assert daemon.proc.wait(timeout=10) == 0
+            assert time.monotonic() - t0 < 5
+    assert any("STOPPING=1" in m for m in tail)
+
+
+def test_sighup_reloads_and_a_bad_new_config_keeps_the_old(tmp_path, clean_store):
+    config = write_config(tmp_path / "c.toml", clean_store, state=tmp_path / "st")
+    good = config.read_text()
+    with DaemonProcess(config) as daemon:
+        assert daemon.event("daemon_started")["catch_up"] == []
+        config.write_text(good + '[orphans]\nschedule = "every night"\n')
+        daemon.proc.send_signal(signal.SIGHUP)
+        failed = daemon.event("reload_failed")
+        assert any(p.startswith("orphans.schedule:") for p in failed["problems"])
+        assert daemon.proc.poll() is None  # still running on the old config
+
+        config.write_text(good + f'[orphans]\nschedule = "{NIGHTLY}"\n')
+        daemon.proc.send_signal(signal.SIGHUP)
+        assert daemon.event("config_reloaded")["catch_up"] == ["main:orphans"]
+        assert daemon.event("job_finished", job="orphans")["exit_code"] == 0
+        assert daemon.stop() == 0
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from chachaml_ops.state import store_lock
+with store_lock(Path(sys.argv[1]), Path(sys.argv[2]), holder="chachaml-ops backup (cli)"):
+    print("locked", flush=True)
+    sys.stdin.readline()  # hold the lock until the test says so
+    print(time.time(), flush=True)
+"""
+
+
+def test_store_lock_keeps_a_cli_job_and_a_daemon_job_apart(tmp_path, clean_store):
+    state = tmp_path / "st"
+    config = write_config(
+        tmp_path / "c.toml", clean_store, state=state, extra=f'[orphans]\nschedule = "{NIGHTLY}"\n'
+    )
+    cli = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(state), str(clean_store.db)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert cli.stdout.readline().strip() == "locked"
+        with DaemonProcess(config) as daemon:
+            busy = daemon.event("store_busy", job="orphans")
+            assert "chachaml-ops backup (cli)" in busy["detail"]
+            time.sleep(1.5)  # the daemon keeps waiting while the CLI job works
+            assert not any(e.get("event") == "job_started" for e in daemon.events)
+            cli.stdin.write("done\n")
+            cli.stdin.flush()
+            released = float(cli.stdout.readline())
+            started = daemon.event("job_started", job="orphans")
+            assert datetime.fromisoformat(started["timestamp"]).timestamp() >= released
+            assert daemon.event("job_finished", job="orphans")["exit_code"] == 0
+            assert daemon.stop() == 0
+    finally:
+        cli.kill()
+        cli.wait(timeout=10)
+
+
+# -- systemd units ----------------------------------------------------------------------------
+
+UNITS = sorted(p.name for p in SYSTEMD.iterdir() if p.suffix in (".service", ".timer"))
+
+
+def _units_for_this_install(tmp_path: Path) -> Path:
+    """The shipped units with ExecStart pointed at this checkout's command, which `verify`
+    requires to exist; nothing else changes."""
+    command = Path(sys.executable).parent / "chachaml-ops"
+    if not command.exists():
+        pytest.skip("chachaml-ops is not installed next to this Python")
+    out = tmp_path / "units"
+    out.mkdir()
+    for name in UNITS:
+        text = (SYSTEMD / name).read_text().replace("/usr/local/bin/chachaml-ops", str(command))
+        (out / name).write_text(text)
+    return out
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_units_pass_systemd_analyze_verify(tmp_path):
+    assert {
+        "chachaml-ops.service",
+        "chachaml-ops-verify.timer",
+        "chachaml-ops-backup.timer",
+    } <= set(UNITS)
+    units = _units_for_this_install(tmp_path)
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", *(str(units / n) for n in UNITS)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+@pytest.mark.parametrize("unit", [u for u in UNITS if u.endswith(".service")])
+def test_services_are_rated_at_most_2_5_by_systemd_analyze_security(tmp_path, unit):
+    units = _units_for_this_install(tmp_path)
+    proc = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", "--threshold=25", str(units / unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
+    overall = next(ln for ln in proc.stdout.splitlines() if "Overall exposure level" in ln)
+    assert float(overall.split(":")[1].split()[0]) <= 2.5
+
+
+def test_config_error_lists_each_problem_on_its_own_line():
+    with pytest.raises(ConfigError) as info:
+        parse_config({"store": [{"name": "a b"}], "bogus": 1}, Path("/x.toml"))
+    keys = [p.key for p in info.value.problems]
+    assert keys == ["store[0].name", "store[0].db", "bogus"]
+    assert str(info.value).count("\n") == 3
