@@ -119,6 +119,10 @@ class ArtifactTree:
             self._checked[parent] = state
         return state
 
+    def forget(self) -> None:
+        """Drop the parent-folder cache (after a rescan hint: folders may have changed)."""
+        self._checked.clear()
+
     def _check_parent(self, parent: str) -> str:
         current = self.root_b
         for part in parent.split("/"):

@@ -321,7 +321,7 @@ def check_file(
     if row.hash is None:
         return None, True
     try:
-        digest = sha256_file(path, expected_size=row.size)
+        digest = sha256_file(path, expected_size=row.size, confine=True)
     except FileNotFoundError:
         return found("missing", "the file was deleted (seen by the watcher)")
     except OSError as exc:
