@@ -16,7 +16,7 @@ import tarfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -37,7 +37,7 @@ from chachaml_ops.archive import (
     new_archive_name,
     sums_line,
 )
-from chachaml_ops.errors import OpsError
+from chachaml_ops.errors import ArtifactDirMissing, OpsError
 from chachaml_ops.hashing import NotRegularFile, StreamingSha256, open_regular
 from chachaml_ops.layout import (
     ArtifactTree,
@@ -296,6 +296,11 @@ def run_backup(
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise BackupFailed(f"cannot create {out_dir}: {exc.strerror}") from None
+    if not os.path.isdir(artifact_dir) and store.totals()[0] > 0:
+        raise ArtifactDirMissing(
+            f"artifact dir {artifact_dir} does not exist",
+            "pass --artifact-dir DIR (chachaml derives it from the DB name)",
+        )
     removed = tuple(remove_stale_partials(out_dir))
     now = clock()
     name = new_archive_name(now, opts.compression)
@@ -319,7 +324,8 @@ def run_backup(
         except (OSError, sqlite3.Error) as exc:
             raise _failed(exc, snapshot, what="DB snapshot") from None
         executor = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="sha256"))
-        raw = stack.enter_context(os.fdopen(os.dup(fd), "wb", buffering=CHUNK))
+        raw = os.fdopen(os.dup(fd), "wb", buffering=CHUNK)
+        stack.callback(_close_quietly, raw)
         writer = _ArchiveWriter(raw, opts, executor)
         try:
             counts = _write_members(writer, store, snapshot, artifact_dir, opts, report)
@@ -357,6 +363,12 @@ def run_backup(
     )
     report.stats = {"compression": opts.compression, **result.stats()}
     return report, result
+
+
+def _close_quietly(raw: BinaryIO) -> None:
+    """On success it is flushed already; on failure (a full disk) its buffer is dropped."""
+    with suppress(OSError):
+        raw.close()
 
 
 def _discard(path: Path, fd: int) -> None:
