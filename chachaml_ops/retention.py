@@ -38,6 +38,7 @@ class RetentionPolicy:
 class ArchiveFile:
     name: str
     time: float  # UTC seconds, from the name
+    tiebreak: int = 0  # mtime in ns: orders archives taken within the same second
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def _month(t: float) -> tuple[int, ...]:
 def plan_retention(archives: list[ArchiveFile], policy: RetentionPolicy) -> list[Decision]:
     """Newest first. keep-daily N keeps the newest archive of each of the N most recent days
     that have one (restic's rule); weekly uses ISO weeks; all buckets are UTC."""
-    ordered = sorted(archives, key=lambda a: (a.time, a.name), reverse=True)
+    ordered = sorted(archives, key=lambda a: (a.time, a.tiebreak, a.name), reverse=True)
     reasons: dict[str, list[str]] = {a.name: [] for a in ordered}
     for i, a in enumerate(ordered[: policy.last]):
         reasons[a.name].append(f"last {i + 1}")
@@ -95,7 +96,7 @@ def list_archives(out_dir: Path) -> list[ArchiveFile]:
     for entry in entries:
         t = archive_time(entry.name)
         if t is not None and entry.is_file(follow_symlinks=False):
-            found.append(ArchiveFile(entry.name, t))
+            found.append(ArchiveFile(entry.name, t, entry.stat(follow_symlinks=False).st_mtime_ns))
     return found
 
 
@@ -117,7 +118,12 @@ def prune(
     """Apply the policy to `out_dir`. The newest intact archive survives even if the policy
     would drop it; archives are checked newest first and only until one proves intact."""
     out_dir = Path(out_dir)
-    decisions = plan_retention(list_archives(out_dir), policy)
+    decisions = [
+        Decision(d.archive, True, (*d.reasons, "just written"))
+        if d.archive.name in known_intact and not d.keep
+        else d
+        for d in plan_retention(list_archives(out_dir), policy)
+    ]
     findings: list[Finding] = []
     if all(d.keep for d in decisions):
         decisions_to_check: list[Decision] = []
