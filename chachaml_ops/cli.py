@@ -363,6 +363,14 @@ def _emit_doc(doc: dict) -> None:
     show_default=True,
     help="zstd is multi-threaded (level 3); gzip is level 6.",
 )
+@click.option(
+    "--zstd-threads",
+    type=click.IntRange(-1),
+    default=None,
+    metavar="N",
+    help="zstd worker threads: -1 one per CPU, 0 inline. Default: CPUs - 1, at most 4 "
+    "(inline on 2 CPUs or fewer).",
+)
 @click.option("--include-orphans", is_flag=True, help="Also archive unreferenced files (orphans/).")
 @click.option(
     "--bwlimit",
@@ -392,6 +400,7 @@ def backup(
     busy_timeout,
     out_dir,
     compression,
+    zstd_threads,
     include_orphans,
     bwlimit,
     wait,
@@ -421,7 +430,12 @@ def backup(
 
     policy = _policy(keep_last, keep_daily, keep_weekly, keep_monthly)
     state_dir = state_dir or default_state_dir()
-    opts = BackupOptions(compression=compression, include_orphans=include_orphans, bwlimit=bwlimit)
+    opts = BackupOptions(
+        compression=compression,
+        include_orphans=include_orphans,
+        bwlimit=bwlimit,
+        zstd_threads=zstd_threads,
+    )
     started = time.time()
     with (
         store_lock(state_dir, db, wait=wait, holder=f"backup to {out_dir}"),

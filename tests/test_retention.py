@@ -11,7 +11,9 @@ import pytest
 from conftest import NOW, run_cli
 
 from chachaml_ops.archive import ARCHIVE_RE, archive_time
+from chachaml_ops.backup import BackupOptions, run_backup
 from chachaml_ops.retention import ArchiveFile, RetentionPolicy, plan_retention
+from chachaml_ops.store import Store
 
 DAY = 86400.0
 
@@ -93,14 +95,12 @@ def test_two_backups_in_one_second_are_both_considered():
 
 @pytest.fixture
 def real_archive(clean_store, tmp_path) -> Path:
-    out = tmp_path / "first"
-    res = run_cli(
-        "backup", "--db", clean_store.db, "--out", out, "--state-dir", tmp_path / "state",
-        "--compression", "none",
-    )  # fmt: skip
-    assert res.code == 0, res.stderr
-    (archive,) = out.iterdir()
-    return archive
+    with Store(clean_store.db) as store:
+        report, result = run_backup(
+            store, clean_store.artifact_dir, tmp_path / "first", BackupOptions("none")
+        )
+    assert report.findings == []
+    return result.archive
 
 
 def _fill(out: Path, source: Path, times: list[float]) -> list[str]:
