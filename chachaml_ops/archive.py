@@ -173,8 +173,8 @@ def unsafe_member_reason(member: tarfile.TarInfo) -> str | None:
         return f"a {kind} entry"
     if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
         return "absolute path"
-    if "\x00" in name or "\\" in name:
-        return "path contains a NUL or backslash"
+    if "\x00" in name:
+        return "path contains a NUL byte"
     if ".." in name.split("/"):
         return "path has a '..' segment"
     return None

@@ -37,7 +37,7 @@ from chachaml_ops.archive import (
     new_archive_name,
     sums_line,
 )
-from chachaml_ops.errors import ArtifactDirMissing, OpsError
+from chachaml_ops.errors import ArtifactDirMissing, OpsError, UsageError
 from chachaml_ops.hashing import NotRegularFile, StreamingSha256, open_regular
 from chachaml_ops.layout import (
     ArtifactTree,
@@ -316,6 +316,12 @@ def run_backup(
     """Snapshot, archive and publish atomically. The caller holds the store lock."""
     started = time.monotonic()
     out_dir = Path(out_dir)
+    art = Path(os.path.abspath(artifact_dir))
+    if Path(os.path.abspath(out_dir)) == art or art in Path(os.path.abspath(out_dir)).parents:
+        raise UsageError(
+            f"backup folder {out_dir} is inside the artifact dir",
+            "choose a folder outside it, or the archives would look like orphans",
+        )
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -17,6 +18,7 @@ from conftest import NOW, check, run_cli
 
 from chachaml_ops.archive import ARCHIVE_RE, PARTIAL_RE
 from chachaml_ops.backup import BackupOptions, _MemberSource, _Throttle, run_backup
+from chachaml_ops.demo import ChachamlWriter
 from chachaml_ops.hashing import StreamingSha256, open_regular
 from chachaml_ops.state import store_lock
 from chachaml_ops.store import Store
@@ -418,3 +420,31 @@ def test_full_disk_gives_a_clear_error_and_no_archive(store_factory, tmp_path, c
         assert list(small.iterdir()) == []
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def test_odd_names_round_trip_and_pass_sha256sum(tmp_path):
+    (tmp_path / "s").mkdir()
+    w = ChachamlWriter(tmp_path / "s" / "chachaml.db")
+    run = w.start_run("e", "r")
+    w.log_artifact(run, "sp ace\\back\nslash.txt", b"x" * 10)
+    raw = b"caf\xe9.bin"  # not UTF-8: stored byte-for-byte, as chachaml would
+    (w.artifact_dir / run).joinpath(os.fsdecode(raw)).write_bytes(b"data")
+    w.conn.execute(
+        "INSERT INTO artifacts (id, run_id, name, path, size, hash, created_at)"
+        " VALUES ('odd', ?, CAST(? AS TEXT), CAST(? AS TEXT), 4, ?, 0)",
+        (run, raw, run.encode() + b"/" + raw, hashlib.sha256(b"data").hexdigest()),
+    )
+    w.close()
+    res = run_cli(
+        "backup", "--db", w.db, "--out", tmp_path / "out", "--state-dir", tmp_path / "st",
+        "--compression", "none", "--json",
+    )  # fmt: skip
+    assert res.code == 0, res.stdout + res.stderr
+    dest = tmp_path / "x"
+    dest.mkdir()
+    subprocess.run(["tar", "-xf", res.json()["archive"], "-C", dest], check=True)
+    subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=dest, check=True)
+    restored = run_cli("restore", res.json()["archive"], "--to", tmp_path / "r", "--json")
+    assert restored.code == 0, restored.stdout + restored.stderr
+    assert restored.json()["verify"]["findings"] == []
+    assert (tmp_path / "r" / "chachaml-artifacts" / run / os.fsdecode(raw)).read_bytes() == b"data"
