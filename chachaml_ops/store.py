@@ -301,6 +301,9 @@ class Store:
         """
         dest = sqlite3.connect(target, isolation_level=None)
         try:
+            # No rollback journal beside the scratch copy: a crash must leave only the one
+            # file whose name the stale-partial cleanup knows.
+            dest.execute("PRAGMA journal_mode=OFF")
             try:
                 self.conn.backup(dest)
             except sqlite3.OperationalError as exc:
