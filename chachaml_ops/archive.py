@@ -437,7 +437,7 @@ def _load_manifest(
             )
             for m in doc["members"]
         }
-        recorded = {f["path"]: f for f in doc.get("findings", []) if f.get("path")}
+        recorded = {manifest_member_name(f): f for f in doc.get("findings", []) if f.get("path")}
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         findings.append(Finding("unreadable", MANIFEST, f"manifest is not valid: {exc}"))
         return None, {}, {}

@@ -441,7 +441,15 @@ def backup(
         store_lock(state_dir, db, wait=wait, holder=f"backup to {out_dir}"),
         Store(db, busy_timeout_ms=busy_timeout) as store,
     ):
-        report, result = run_backup(store, artifact_dir, out_dir, opts)
+        try:
+            report, result = run_backup(store, artifact_dir, out_dir, opts)
+        except OpsError as exc:
+            with StateDB(state_dir) as state:  # the daemon's status shows failed backups too
+                state.record_job(
+                    store_key(db), "backup", started, time.time(), exc.exit_code,
+                    {"error": exc.one_line()},
+                )  # fmt: skip
+            raise
         pruned = None
         if not policy.is_empty():
             pruned = prune(
