@@ -7,6 +7,7 @@ their exit code; click's usage errors exit 3 too ("could not check").
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 import time
@@ -15,11 +16,18 @@ from pathlib import Path
 import click
 
 from chachaml_ops import __version__, logs
-from chachaml_ops.errors import EXIT_CANNOT_CHECK, OpsError, UsageError
+from chachaml_ops.errors import EXIT_CANNOT_CHECK, EXIT_ERRORS, OpsError, UsageError
 from chachaml_ops.layout import UnsafePath, check_run_id, derive_artifact_dir
-from chachaml_ops.report import Report, human_bytes, render_text, write_json
+from chachaml_ops.report import (
+    Report,
+    human_bytes,
+    render_json,
+    render_text,
+    utf8_safe,
+    write_json,
+)
 from chachaml_ops.store import DEFAULT_BUSY_TIMEOUT_MS, Store
-from chachaml_ops.units import parse_duration
+from chachaml_ops.units import parse_duration, parse_size
 from chachaml_ops.verify import CheckOptions, CheckStats, Subset, run_check
 
 
@@ -488,6 +496,317 @@ def _render_status(doc: dict) -> str:
                 )
             lines.append(f"  {task:<8} last: {result}; {nxt}")
     return "\n".join(lines)
+
+
+# -- backups ------------------------------------------------------------------------------
+
+
+class SizeType(click.ParamType):
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def retention_options(fn):
+    """--keep-last/daily/weekly/monthly, shared by backup and prune."""
+    for name, what in (
+        ("monthly", "the newest archive of each of the last N months that have one"),
+        ("weekly", "the newest archive of each of the last N ISO weeks that have one"),
+        ("daily", "the newest archive of each of the last N days that have one (UTC)"),
+        ("last", "the N newest archives"),
+    ):
+        fn = click.option(
+            f"--keep-{name}", type=click.IntRange(0), default=0, metavar="N", help=f"Keep {what}."
+        )(fn)
+    return fn
+
+
+def _policy(keep_last: int, keep_daily: int, keep_weekly: int, keep_monthly: int):
+    from chachaml_ops.retention import RetentionPolicy
+
+    return RetentionPolicy(keep_last, keep_daily, keep_weekly, keep_monthly)
+
+
+def _emit_doc(doc: dict) -> None:
+    click.echo(json.dumps(utf8_safe(doc), indent=2, ensure_ascii=False))
+
+
+@cli.command()
+@store_options
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    help="Folder for the archives.",
+)
+@click.option(
+    "--compression",
+    type=click.Choice(["none", "gzip", "zstd"]),
+    default="zstd",
+    show_default=True,
+    help="zstd is multi-threaded (level 3); gzip is level 6.",
+)
+@click.option(
+    "--zstd-threads",
+    type=click.IntRange(-1),
+    default=None,
+    metavar="N",
+    help="zstd worker threads: -1 one per CPU, 0 inline. Default: CPUs - 1, at most 4 "
+    "(inline on 2 CPUs or fewer).",
+)
+@click.option("--include-orphans", is_flag=True, help="Also archive unreferenced files (orphans/).")
+@click.option(
+    "--bwlimit",
+    type=SizeType(),
+    default=None,
+    metavar="SIZE",
+    help="Read at most SIZE bytes per second from the store (e.g. 50M).",
+)
+@click.option(
+    "--wait",
+    type=DURATION,
+    default="0",
+    show_default=True,
+    help="How long to wait when another job holds this store's lock.",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Lock and job history folder. Default: $STATE_DIRECTORY or ~/.local/state/chachaml-ops.",
+)
+@retention_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (schema 1).")
+def backup(
+    db,
+    artifact_dir,
+    busy_timeout,
+    out_dir,
+    compression,
+    zstd_threads,
+    include_orphans,
+    bwlimit,
+    wait,
+    state_dir,
+    keep_last,
+    keep_daily,
+    keep_weekly,
+    keep_monthly,
+    as_json,
+):
+    """Archive a consistent snapshot of the DB and exactly the artifacts it references.
+
+    The DB is copied with SQLite's online backup API while chachaml keeps writing; artifacts
+    are hashed as they stream into one PAX tar and checked against their rows. Problems are
+    archived as found and reported. With --keep-*, old archives are pruned afterwards.
+    Exit 0 clean, 1 warnings only, 2 error findings, 3 no archive written.
+
+    \b
+    Examples:
+      chachaml-ops backup --db /srv/ml/chachaml.db --out /backups
+      chachaml-ops backup --db /srv/ml/chachaml.db --out /backups --keep-daily 7 --keep-weekly 4
+    """
+    from chachaml_ops.backup import BackupOptions, run_backup
+    from chachaml_ops.restore import archive_is_intact
+    from chachaml_ops.retention import prune
+    from chachaml_ops.state import StateDB, default_state_dir, store_key, store_lock
+
+    policy = _policy(keep_last, keep_daily, keep_weekly, keep_monthly)
+    state_dir = state_dir or default_state_dir()
+    opts = BackupOptions(
+        compression=compression,
+        include_orphans=include_orphans,
+        bwlimit=bwlimit,
+        zstd_threads=zstd_threads,
+    )
+    started = time.time()
+    with (
+        store_lock(state_dir, db, wait=wait, holder=f"backup to {out_dir}"),
+        Store(db, busy_timeout_ms=busy_timeout) as store,
+    ):
+        try:
+            report, result = run_backup(store, artifact_dir, out_dir, opts)
+        except OpsError as exc:
+            with StateDB(state_dir) as state:  # the daemon's status shows failed backups too
+                state.record_job(
+                    store_key(db), "backup", started, time.time(), exc.exit_code,
+                    {"error": exc.one_line()},
+                )  # fmt: skip
+            raise
+        pruned = None
+        if not policy.is_empty():
+            pruned = prune(
+                out_dir,
+                policy,
+                dry_run=False,
+                is_intact=archive_is_intact,
+                known_intact=frozenset({result.archive.name}),
+            )
+            report.actions = [a for a in pruned.actions if a["action"] != "kept"]
+            report.add(pruned.findings)
+    with StateDB(state_dir) as state:
+        state.record_job(
+            store_key(db), "backup", started, time.time(), report.exit_code(), result.stats()
+        )
+    if as_json:
+        doc = report.to_json()
+        doc.update(
+            archive=str(result.archive),
+            bytes=result.bytes,
+            artifacts=result.artifacts,
+            orphans=result.orphans,
+            compression=compression,
+            removed_partials=list(result.removed_partials),
+        )
+        if pruned is not None:
+            doc["pruned"] = [a for a in pruned.actions if a["action"] != "kept"]
+        _emit_doc(doc)
+    else:
+        _emit(report, False)
+    sys.exit(report.exit_code())
+
+
+@cli.command("verify-backup")
+@click.argument("archive", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (schema 1).")
+def verify_backup_cmd(archive, as_json):
+    """Check an archive in one streaming read: every member against MANIFEST.json and
+    SHA256SUMS, the DB snapshot with PRAGMA integrity_check, every artifact row's bytes.
+
+    Exit 0 intact, 2 damaged (or the store already had errors when it was backed up),
+    3 not an archive of ours or unreadable.
+
+    \b
+    Example:
+      chachaml-ops verify-backup /backups/chachaml-20261203T020000Z-1a2b3c4d.tar.zst
+    """
+    from chachaml_ops.restore import verify_backup
+
+    report = verify_backup(archive)
+    _emit(report, as_json)
+    sys.exit(report.exit_code())
+
+
+@cli.command()
+@click.argument("archive", type=click.Path(path_type=Path, dir_okay=False))
+@click.option(
+    "--to",
+    "target",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Folder that receives chachaml.db and chachaml-artifacts/.",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Restore into a non-empty folder; its chachaml.db and chachaml-artifacts are moved "
+    "aside into .chachaml-ops-replaced-*/, never deleted.",
+)
+@click.option(
+    "--include-orphans", is_flag=True, help="Also put archived orphans back in the artifact dir."
+)
+@click.option(
+    "--jobs",
+    "-j",
+    type=click.IntRange(1),
+    default=os.cpu_count() or 1,
+    show_default="CPU count",
+    help="Files hashed in parallel by the final verify.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (schema 1).")
+def restore(archive, target, force, include_orphans, jobs, as_json):
+    """Restore an archive to DIR/chachaml.db and DIR/chachaml-artifacts/, safely.
+
+    Members are extracted into a temporary sibling of DIR (absolute paths, '..', links and
+    devices refused), checked against the manifest, then renamed into place; finally the
+    restored store is verified and its summary printed. Exit 0 clean, 1 warnings, 2 errors
+    (a damaged archive restores nothing), 3 could not start.
+
+    \b
+    Example:
+      chachaml-ops restore /backups/chachaml-20261203T020000Z-1a2b3c4d.tar.zst --to /srv/ml2
+    """
+    from chachaml_ops.restore import RestoreOptions, restore_archive
+
+    opts = RestoreOptions(force=force, include_orphans=include_orphans, jobs=jobs)
+    result = restore_archive(archive, target, opts)
+    code = result.report.exit_code()
+    if result.verify is not None:
+        code = max(code, result.verify.exit_code())
+    if as_json:
+        doc = result.report.to_json()
+        doc["verify"] = result.verify.to_json() if result.verify else None
+        _emit_doc(doc)
+    else:
+        _emit(result.report, False)
+        if result.verify is not None:
+            click.echo()
+            _emit(result.verify, False)
+    if not result.restored:
+        click.echo(f"Error: {archive} is damaged; nothing was restored to {target}", err=True)
+        code = EXIT_ERRORS
+    sys.exit(code)
+
+
+@cli.command()
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    required=True,
+    help="Folder holding the archives.",
+)
+@retention_options
+@click.option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (schema 1).")
+def prune(out_dir, keep_last, keep_daily, keep_weekly, keep_monthly, dry_run, as_json):
+    """Delete old archives in DIR by a restic-style policy (times from the archive names, UTC).
+
+    Only files named like this tool's archives are ever deleted, and the newest intact
+    archive is always kept. Exit 0 done, 1 a damaged archive was seen, 2 a deletion failed.
+
+    \b
+    Example:
+      chachaml-ops prune --out /backups --keep-last 3 --keep-daily 7 --keep-monthly 12 --dry-run
+    """
+    from chachaml_ops.restore import archive_is_intact
+    from chachaml_ops.retention import prune as prune_archives
+
+    policy = _policy(keep_last, keep_daily, keep_weekly, keep_monthly)
+    if policy.is_empty():
+        raise UsageError(
+            "prune needs a policy", "give at least one of --keep-last/daily/weekly/monthly"
+        )
+    result = prune_archives(out_dir, policy, dry_run=dry_run, is_intact=archive_is_intact)
+    report = Report("prune", {"out_dir": str(out_dir)}, actions=result.actions)
+    report.add(result.findings)
+    counts = {a: sum(1 for x in result.actions if x["action"] == a) for a in ("kept", "deleted")}
+    report.stats = {
+        **policy.describe(),
+        "dry_run": dry_run,
+        "kept": counts["kept"],
+        "deleted": counts["deleted"],
+        "would_delete": sum(1 for x in result.actions if x["action"] == "would delete"),
+    }
+    if as_json:
+        click.echo(render_json(report))
+    else:
+        mode = " (dry run: nothing deleted)" if dry_run else ""
+        click.echo(f"prune: {out_dir}{mode}")
+        for action in result.actions:
+            reason = f" ({action['reason']})" if action.get("reason") else ""
+            click.echo(f"  {action['action']:<13} {action['path']}{reason}")
+        for f in result.findings:
+            click.echo(f"  warning: {f.path}: {f.detail}")
+    failed = any(a["action"] == "failed" for a in result.actions)
+    sys.exit(EXIT_ERRORS if failed else report.exit_code())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from collections import deque
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
 from chachaml_ops.layout import confined
@@ -71,3 +73,48 @@ def sha256_file(
         return Digest(h.hexdigest(), total)
     finally:
         os.close(fd)
+
+
+def open_regular(path: bytes | str) -> tuple[int, os.stat_result]:
+    """Open a regular file the way sha256_file does (no links, no FIFOs): (fd, fstat)."""
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(0, "not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+class StreamingSha256:
+    """SHA-256 of bytes streamed through a copy, updated on a helper thread.
+
+    hashlib releases the GIL on large buffers, so with an executor the digest of chunk n is
+    computed while chunk n+1 is read and written: a copy costs max(I/O, hash), not the sum.
+    At most `depth` chunks wait, so memory stays bounded.
+    """
+
+    def __init__(self, executor: Executor | None = None, depth: int = 4) -> None:
+        self._h = hashlib.sha256()
+        self._executor = executor
+        self._depth = depth
+        self._pending: deque[Future[None]] = deque()
+
+    def update(self, data: bytes) -> None:
+        if self._executor is None or len(data) < _SMALL // 4:
+            self._drain(0)
+            self._h.update(data)
+            return
+        # One worker thread per executor keeps the updates in order.
+        self._pending.append(self._executor.submit(self._h.update, data))
+        self._drain(self._depth)
+
+    def _drain(self, keep: int) -> None:
+        while len(self._pending) > keep:
+            self._pending.popleft().result()
+
+    def hexdigest(self) -> str:
+        self._drain(0)
+        return self._h.hexdigest()

@@ -36,6 +36,7 @@ SEVERITY: Mapping[str, Severity] = {
     "unreadable": Severity.ERROR,
     "unsafe_path": Severity.ERROR,
     "dangling_model_version": Severity.ERROR,
+    "db_corrupt": Severity.ERROR,  # a DB snapshot in a backup fails PRAGMA integrity_check
     "orphan_file": Severity.WARNING,
     "unverifiable": Severity.WARNING,
     "run_missing": Severity.WARNING,

@@ -383,3 +383,36 @@ class Store:
 
     def describe(self) -> dict[str, Any]:
         return {"db": str(self.db), "sqlite_version": sqlite3.sqlite_version}
+
+    # -- whole-DB operations used by backups ---------------------------------------------
+
+    def snapshot_to(self, target: Path) -> None:
+        """Copy a consistent snapshot into `target` with SQLite's online backup API.
+
+        One step (pages=-1) under one read transaction: writers in WAL mode go on meanwhile,
+        and the copy is exactly the DB as of that transaction. The target is left in rollback
+        mode so it is one self-contained file (chachaml switches it back to WAL on open).
+        """
+        dest = sqlite3.connect(target, isolation_level=None)
+        try:
+            # No rollback journal beside the scratch copy: a crash must leave only the one
+            # file whose name the stale-partial cleanup knows.
+            dest.execute("PRAGMA journal_mode=OFF")
+            try:
+                self.conn.backup(dest)
+            except sqlite3.OperationalError as exc:
+                if _locked(exc):
+                    raise StoreLocked(
+                        f"{self.db} stayed locked for {self.busy_timeout_ms} ms",
+                        "another process holds an exclusive lock; retry later",
+                    ) from exc
+                raise  # the target's problem (e.g. a full disk): the caller words it
+            dest.execute("PRAGMA journal_mode=DELETE")
+        finally:
+            dest.close()
+
+    def integrity_check(self) -> list[str]:
+        """PRAGMA integrity_check: an empty list when the DB is sound, else its messages."""
+        rows = self._guard(lambda: self.conn.execute("PRAGMA integrity_check").fetchall())
+        messages = [str(r[0]) for r in rows]
+        return [] if messages == ["ok"] else messages
