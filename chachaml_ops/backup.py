@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import zstandard
 
@@ -43,12 +43,16 @@ from chachaml_ops.layout import (
     ArtifactTree,
     UnsafePath,
     file_type,
+    is_inside,
     is_object_key,
     resolve_stored_path,
 )
 from chachaml_ops.report import Finding, Report, iso_time
 from chachaml_ops.scan import ScanEntry, scan_tree
 from chachaml_ops.store import ArtifactRow, Store
+
+if TYPE_CHECKING:
+    from chachaml_ops.retention import RetentionPolicy
 
 COMPRESSIONS = ("none", "gzip", "zstd")
 ZSTD_JOB_SIZE = 2 << 20
@@ -316,8 +320,7 @@ def run_backup(
     """Snapshot, archive and publish atomically. The caller holds the store lock."""
     started = time.monotonic()
     out_dir = Path(out_dir)
-    art = Path(os.path.abspath(artifact_dir))
-    if Path(os.path.abspath(out_dir)) == art or art in Path(os.path.abspath(out_dir)).parents:
+    if is_inside(out_dir, artifact_dir):
         raise UsageError(
             f"backup folder {out_dir} is inside the artifact dir",
             "choose a folder outside it, or the archives would look like orphans",
@@ -594,3 +597,31 @@ def _archive_orphans(
                 Finding("in_flight", ORPHAN_PREFIX + relpath, "unreferenced file " + changed)
             )
     return count
+
+
+def backup_and_prune(
+    store: Store,
+    artifact_dir: Path,
+    out_dir: Path,
+    opts: BackupOptions,
+    policy: RetentionPolicy | None = None,
+) -> tuple[Report, BackupResult, list[dict]]:
+    """One backup, then retention by `policy`: what both `chachaml-ops backup` and the
+    daemon's backup job do. The caller holds the store lock. Returns the pruned actions."""
+    from chachaml_ops.restore import archive_is_intact
+    from chachaml_ops.retention import prune
+
+    report, result = run_backup(store, artifact_dir, out_dir, opts)
+    pruned: list[dict] = []
+    if policy is not None and not policy.is_empty():
+        outcome = prune(
+            out_dir,
+            policy,
+            dry_run=False,
+            is_intact=archive_is_intact,
+            known_intact=frozenset({result.archive.name}),
+        )
+        pruned = [a for a in outcome.actions if a["action"] != "kept"]
+        report.actions = pruned
+        report.add(outcome.findings)
+    return report, result, pruned

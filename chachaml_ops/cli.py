@@ -613,9 +613,7 @@ def backup(
       chachaml-ops backup --db /srv/ml/chachaml.db --out /backups
       chachaml-ops backup --db /srv/ml/chachaml.db --out /backups --keep-daily 7 --keep-weekly 4
     """
-    from chachaml_ops.backup import BackupOptions, run_backup
-    from chachaml_ops.restore import archive_is_intact
-    from chachaml_ops.retention import prune
+    from chachaml_ops.backup import BackupOptions, backup_and_prune
     from chachaml_ops.state import StateDB, default_state_dir, store_key, store_lock
 
     policy = _policy(keep_last, keep_daily, keep_weekly, keep_monthly)
@@ -632,7 +630,7 @@ def backup(
         Store(db, busy_timeout_ms=busy_timeout) as store,
     ):
         try:
-            report, result = run_backup(store, artifact_dir, out_dir, opts)
+            report, result, pruned = backup_and_prune(store, artifact_dir, out_dir, opts, policy)
         except OpsError as exc:
             with StateDB(state_dir) as state:  # the daemon's status shows failed backups too
                 state.record_job(
@@ -640,17 +638,6 @@ def backup(
                     {"error": exc.one_line()},
                 )  # fmt: skip
             raise
-        pruned = None
-        if not policy.is_empty():
-            pruned = prune(
-                out_dir,
-                policy,
-                dry_run=False,
-                is_intact=archive_is_intact,
-                known_intact=frozenset({result.archive.name}),
-            )
-            report.actions = [a for a in pruned.actions if a["action"] != "kept"]
-            report.add(pruned.findings)
     with StateDB(state_dir) as state:
         state.record_job(
             store_key(db), "backup", started, time.time(), report.exit_code(), result.stats()
@@ -665,8 +652,8 @@ def backup(
             compression=compression,
             removed_partials=list(result.removed_partials),
         )
-        if pruned is not None:
-            doc["pruned"] = [a for a in pruned.actions if a["action"] != "kept"]
+        if pruned:
+            doc["pruned"] = pruned
         _emit_doc(doc)
     else:
         _emit(report, False)

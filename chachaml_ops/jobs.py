@@ -334,9 +334,8 @@ def run_backup_adapter(
     the backup job fails with a clear error instead of the daemon failing to start.
     """
     try:
-        from chachaml_ops.backup import BackupOptions, run_backup
-        from chachaml_ops.restore import archive_is_intact
-        from chachaml_ops.retention import RetentionPolicy, prune
+        from chachaml_ops.backup import BackupOptions, backup_and_prune
+        from chachaml_ops.retention import RetentionPolicy
     except ImportError as exc:
         raise BackupUnavailable(
             f"this chachaml-ops cannot make backups ({exc})", "install a release with backup"
@@ -344,21 +343,11 @@ def run_backup_adapter(
     cfg = config.backup
     if cfg.dir is None:
         raise BackupUnavailable("[backup] dir is not set", "set it in the config")
-    with Store(store.db) as s:
-        report, result = run_backup(
-            s, store.artifact_dir, cfg.dir, BackupOptions(compression=cfg.compression)
-        )
     policy = RetentionPolicy(0, cfg.keep_daily, cfg.keep_weekly, cfg.keep_monthly)
-    if not policy.is_empty():
-        pruned = prune(
-            cfg.dir,
-            policy,
-            dry_run=False,
-            is_intact=archive_is_intact,
-            known_intact=frozenset({result.archive.name}),
+    with Store(store.db) as s:
+        report, result, _ = backup_and_prune(
+            s, store.artifact_dir, cfg.dir, BackupOptions(compression=cfg.compression), policy
         )
-        report.actions = [a for a in pruned.actions if a["action"] != "kept"]
-        report.add(pruned.findings)
     summary = {"exit_code": report.exit_code(), "by_kind": report.counts(), **result.stats()}
     return report, summary
 

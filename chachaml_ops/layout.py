@@ -72,6 +72,13 @@ def file_type(mode: int) -> str:
     return "unknown"
 
 
+def is_inside(path: Path, artifact_dir: Path) -> bool:
+    """Whether `path` is the artifact dir or below it, links resolved on both sides."""
+    real = Path(os.path.realpath(path))
+    root = Path(os.path.realpath(artifact_dir))
+    return real == root or root in real.parents
+
+
 def check_run_id(run_id: str) -> str:
     """A --run value must name one folder directly under the artifact dir."""
     if run_id in ("", ".", "..") or "/" in run_id or "\x00" in run_id:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from chachaml_ops.errors import OpsError, UsageError
-from chachaml_ops.layout import file_type, run_folder_of
+from chachaml_ops.layout import file_type, is_inside, run_folder_of
 from chachaml_ops.logs import get_logger
 from chachaml_ops.report import Finding, Report, iso_time
 from chachaml_ops.store import Store
@@ -113,9 +113,7 @@ def plan_removal(
 def check_quarantine_dir(dest: Path, artifact_dir: Path) -> Path:
     """Create the quarantine dir if needed; refuse one inside the artifact dir (links resolved)."""
     dest = Path(os.path.abspath(dest))
-    real_dest = Path(os.path.realpath(dest))
-    real_art = Path(os.path.realpath(artifact_dir))
-    if real_dest == real_art or real_art in real_dest.parents:
+    if is_inside(dest, artifact_dir):
         raise UsageError(
             f"quarantine dir {dest} is inside the artifact dir",
             "choose a folder outside it, or its files will look like orphans",
