@@ -26,6 +26,7 @@ from chachaml_ops.report import (
     utf8_safe,
     write_json,
 )
+from chachaml_ops.state import default_state_dir, locked_job
 from chachaml_ops.store import DEFAULT_BUSY_TIMEOUT_MS, Store
 from chachaml_ops.units import parse_duration, parse_size
 from chachaml_ops.verify import CheckOptions, CheckStats, Subset, run_check
@@ -93,6 +94,30 @@ def store_options(fn):
             busy_timeout=busy_timeout,
             **kwargs,
         )
+
+    return wrapper
+
+
+def lock_options(fn):
+    """--wait and --state-dir: one job per store at a time, CLI and daemon alike."""
+
+    @click.option(
+        "--wait",
+        type=DURATION,
+        default="0",
+        show_default=True,
+        help="How long to wait when another chachaml-ops job holds this store's lock.",
+    )
+    @click.option(
+        "--state-dir",
+        type=click.Path(path_type=Path, file_okay=False),
+        default=None,
+        help="Locks and job history (share it with the daemon). "
+        "Default: $STATE_DIRECTORY or ~/.local/state/chachaml-ops.",
+    )
+    @functools.wraps(fn)
+    def wrapper(wait: float, state_dir: Path | None, **kwargs):
+        return fn(wait=wait, state_dir=state_dir or default_state_dir(), **kwargs)
 
     return wrapper
 
@@ -208,7 +233,21 @@ def _check_runs(store: Store, artifact_dir: Path, runs: tuple[str, ...]) -> None
 @click.option(
     "--drop-cache", is_flag=True, help="Tell the kernel to drop hashed files from the page cache."
 )
-def verify(db, artifact_dir, busy_timeout, as_json, jobs, runs, quick, subset, min_age, drop_cache):
+@lock_options
+def verify(
+    db,
+    artifact_dir,
+    busy_timeout,
+    as_json,
+    jobs,
+    runs,
+    quick,
+    subset,
+    min_age,
+    drop_cache,
+    wait,
+    state_dir,
+):
     """Re-check every artifact's presence, size and SHA-256 against the DB, and find orphans.
 
     Exit 0 clean, 1 warnings only, 2 any error finding, 3 could not check.
@@ -231,7 +270,10 @@ def verify(db, artifact_dir, busy_timeout, as_json, jobs, runs, quick, subset, m
     )
     progress = _Progress()
     log = logs.get_logger(store=str(db), job="verify")
-    with Store(db, busy_timeout_ms=busy_timeout) as store:
+    with (
+        locked_job(state_dir, db, "verify", wait=wait) as outcome,
+        Store(db, busy_timeout_ms=busy_timeout) as store,
+    ):
         _check_runs(store, artifact_dir, opts.run_ids)
         log.info(
             "verify_started",
@@ -244,6 +286,8 @@ def verify(db, artifact_dir, busy_timeout, as_json, jobs, runs, quick, subset, m
             report = run_check(store, artifact_dir, opts, progress=progress)
         finally:
             progress.done()
+        outcome.exit_code = report.exit_code()
+        outcome.summary = {"by_kind": report.counts(), **report.stats}
     log.info("verify_finished", exit_code=report.exit_code(), **report.counts(), **report.stats)
     _emit(report, as_json)
     sys.exit(report.exit_code())
@@ -276,8 +320,20 @@ def verify(db, artifact_dir, busy_timeout, as_json, jobs, runs, quick, subset, m
     is_flag=True,
     help="Also move or delete orphans of runs whose status is still 'running'.",
 )
+@lock_options
 def orphans(
-    db, artifact_dir, busy_timeout, as_json, min_age, runs, quarantine, delete, yes, include_running
+    db,
+    artifact_dir,
+    busy_timeout,
+    as_json,
+    min_age,
+    runs,
+    quarantine,
+    delete,
+    yes,
+    include_running,
+    wait,
+    state_dir,
 ):
     """List files no artifact row references; optionally quarantine or delete them.
 
@@ -306,7 +362,10 @@ def orphans(
     if quarantine:
         quarantine = check_quarantine_dir(quarantine, artifact_dir)
     log = logs.get_logger(store=str(db), job="orphans")
-    with Store(db, busy_timeout_ms=busy_timeout) as store:
+    with (
+        locked_job(state_dir, db, "orphans", wait=wait) as outcome,
+        Store(db, busy_timeout_ms=busy_timeout) as store,
+    ):
         _check_runs(store, artifact_dir, tuple(runs))
         report = find_orphans(store, artifact_dir, min_age, tuple(runs))
         log.info("orphans_found", **report.stats)
@@ -315,6 +374,8 @@ def orphans(
             report.actions = spared + apply_removal(
                 store, artifact_dir, plan, quarantine=quarantine, min_age=min_age
             )
+        outcome.exit_code = report.exit_code()
+        outcome.summary = {"by_kind": report.counts(), **report.stats}
     _emit(report, as_json)
     sys.exit(report.exit_code())
 
@@ -569,19 +630,7 @@ def _emit_doc(doc: dict) -> None:
     metavar="SIZE",
     help="Read at most SIZE bytes per second from the store (e.g. 50M).",
 )
-@click.option(
-    "--wait",
-    type=DURATION,
-    default="0",
-    show_default=True,
-    help="How long to wait when another job holds this store's lock.",
-)
-@click.option(
-    "--state-dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=None,
-    help="Lock and job history folder. Default: $STATE_DIRECTORY or ~/.local/state/chachaml-ops.",
-)
+@lock_options
 @retention_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (schema 1).")
 def backup(
@@ -614,34 +663,20 @@ def backup(
       chachaml-ops backup --db /srv/ml/chachaml.db --out /backups --keep-daily 7 --keep-weekly 4
     """
     from chachaml_ops.backup import BackupOptions, backup_and_prune
-    from chachaml_ops.state import StateDB, default_state_dir, store_key, store_lock
 
     policy = _policy(keep_last, keep_daily, keep_weekly, keep_monthly)
-    state_dir = state_dir or default_state_dir()
     opts = BackupOptions(
         compression=compression,
         include_orphans=include_orphans,
         bwlimit=bwlimit,
         zstd_threads=zstd_threads,
     )
-    started = time.time()
     with (
-        store_lock(state_dir, db, wait=wait, holder=f"backup to {out_dir}"),
+        locked_job(state_dir, db, "backup", wait=wait) as outcome,
         Store(db, busy_timeout_ms=busy_timeout) as store,
     ):
-        try:
-            report, result, pruned = backup_and_prune(store, artifact_dir, out_dir, opts, policy)
-        except OpsError as exc:
-            with StateDB(state_dir) as state:  # the daemon's status shows failed backups too
-                state.record_job(
-                    store_key(db), "backup", started, time.time(), exc.exit_code,
-                    {"error": exc.one_line()},
-                )  # fmt: skip
-            raise
-    with StateDB(state_dir) as state:
-        state.record_job(
-            store_key(db), "backup", started, time.time(), report.exit_code(), result.stats()
-        )
+        report, result, pruned = backup_and_prune(store, artifact_dir, out_dir, opts, policy)
+        outcome.exit_code, outcome.summary = report.exit_code(), result.stats()
     if as_json:
         doc = report.to_json()
         doc.update(

@@ -26,6 +26,10 @@ class StoreBusy(OpsError):
     """Another chachaml-ops job holds this store's lock."""
 
 
+class StateDirUnusable(OpsError):
+    """The state dir cannot be created or written."""
+
+
 def default_state_dir() -> Path:
     """$STATE_DIRECTORY (systemd), else $XDG_STATE_HOME/chachaml-ops, else ~/.local/state."""
     systemd = os.environ.get("STATE_DIRECTORY")
@@ -51,9 +55,15 @@ def store_lock(
     kill -9 never leaves a stale lock behind.
     """
     locks = Path(state_dir) / "locks"
-    locks.mkdir(parents=True, exist_ok=True)
     path = locks / f"{store_key(db)}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        locks.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise StateDirUnusable(
+            f"cannot use the state dir {state_dir}: {exc.strerror}",
+            "pass --state-dir DIR (or set STATE_DIRECTORY) to a writable folder",
+        ) from None
     try:
         deadline = None if wait is None else time.monotonic() + wait
         while True:
@@ -140,3 +150,38 @@ class StateDB:
         if row is None:
             return None
         return JobRun(*row[:5], json.loads(row[5] or "{}"))
+
+
+@dataclass
+class JobOutcome:
+    """Filled in by the job; recorded in the history when the job's block ends."""
+
+    exit_code: int | None = None
+    summary: dict[str, Any] | None = None
+
+
+@contextmanager
+def locked_job(
+    state_dir: Path, db: Path, job: str, *, wait: float | None = 0.0
+) -> Iterator[JobOutcome]:
+    """Run one CLI job on a store: hold its lock, then record the outcome in the history
+    (a job that could not check is recorded with exit 3 and its error)."""
+    started = time.time()
+    outcome = JobOutcome()
+    with store_lock(state_dir, db, wait=wait, holder=f"{job} (pid {os.getpid()})"):
+        try:
+            yield outcome
+        except OpsError as exc:
+            outcome.exit_code, outcome.summary = exc.exit_code, {"error": exc.one_line()}
+            raise
+        finally:
+            if outcome.exit_code is not None:
+                with StateDB(state_dir) as history:
+                    history.record_job(
+                        store_key(db),
+                        job,
+                        started,
+                        time.time(),
+                        outcome.exit_code,
+                        outcome.summary or {},
+                    )

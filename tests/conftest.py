@@ -20,6 +20,14 @@ from chachaml_ops.verify import CheckOptions, run_check
 NOW = 1_796_000_000.0  # a fixed clock for in-process checks (2026-11-30)
 
 
+@pytest.fixture(autouse=True)
+def private_state_dir(tmp_path, monkeypatch):
+    """Every test (and every CLI process it starts) gets its own state dir."""
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
+    return tmp_path / "xdg-state" / "chachaml-ops"
+
+
 @pytest.fixture
 def clean_store(tmp_path: Path) -> DemoStore:
     """A realistic store with no faults, tiny artifacts, the clock at NOW."""

@@ -249,3 +249,19 @@ def test_every_command_has_help_with_an_example():
         for subname in sub or ():
             assert run_cli(name, subname, "--help").code == 0
     assert run_cli("--help").code == 0
+
+
+def test_verify_and_orphans_wait_for_the_store_lock_and_record_history(tmp_path, private_state_dir):
+    from chachaml_ops.state import StateDB, store_key, store_lock
+
+    store = make_store(tmp_path / "s", (), scale=0.01)
+    with store_lock(private_state_dir, store.db, holder="backup in another process"):
+        for command in ("verify", "orphans"):
+            result = run_cli(command, "--db", store.db)
+            assert result.code == 3, result.stderr
+            assert "another chachaml-ops job" in result.stderr
+            assert "backup in another process" in result.stderr
+    assert run_cli("verify", "--db", store.db, "--wait", "5").code == 0
+    with StateDB(private_state_dir) as history:
+        last = history.last_job(store_key(store.db), "verify")
+    assert last is not None and last.exit_code == 0 and last.summary["rows"] > 0
