@@ -19,7 +19,7 @@ from chachaml_ops.errors import EXIT_CANNOT_CHECK, EXIT_ERRORS, OpsError, UsageE
 from chachaml_ops.layout import derive_artifact_dir
 from chachaml_ops.report import Report, human_bytes, render_json, render_text
 from chachaml_ops.store import DEFAULT_BUSY_TIMEOUT_MS, Store
-from chachaml_ops.units import parse_duration
+from chachaml_ops.units import parse_duration, parse_size
 from chachaml_ops.verify import CheckOptions, CheckStats, Subset, run_check
 
 
@@ -47,7 +47,23 @@ class SubsetType(click.ParamType):
             self.fail(exc.one_line(), param, ctx)
 
 
+class SizeType(click.ParamType):
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)):
+            return float(value)
+        try:
+            rate = parse_size(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        if rate <= 0:
+            self.fail(f"{value!r} must be more than 0", param, ctx)
+        return float(rate)
+
+
 DURATION = DurationType()
+SIZE = SizeType()
 
 
 def store_options(fn):
@@ -177,14 +193,64 @@ def _emit(report: Report, as_json: bool, **text_opts) -> None:
 @click.option(
     "--drop-cache", is_flag=True, help="Tell the kernel to drop hashed files from the page cache."
 )
-def verify(db, artifact_dir, busy_timeout, as_json, jobs, runs, quick, subset, min_age, drop_cache):
+@click.option(
+    "--max-age",
+    type=DURATION,
+    default=None,
+    help="Skip files verified good within this age (e.g. 7d) whose size, mtime, ctime and "
+    "inode are unchanged; new or changed files are always hashed. Uses --state-dir.",
+)
+@click.option(
+    "--max-duration",
+    type=DURATION,
+    default=None,
+    help="Hashing budget (e.g. 2h): least recently verified first, then stop cleanly. "
+    "Presence and size checks still cover every row. Uses --state-dir.",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where verify marks are kept (default: $STATE_DIRECTORY or "
+    "~/.local/state/chachaml-ops). Giving it records marks even without --max-age.",
+)
+@click.option(
+    "--max-rate",
+    type=SIZE,
+    default=None,
+    metavar="BYTES/S",
+    help="Cap hashing reads across all workers, e.g. 200M (MiB/s).",
+)
+@click.option(
+    "--no-processes",
+    is_flag=True,
+    help="Hash on threads only (by default many small files are checked by forked workers).",
+)
+def verify(
+    db,
+    artifact_dir,
+    busy_timeout,
+    as_json,
+    jobs,
+    runs,
+    quick,
+    subset,
+    min_age,
+    drop_cache,
+    max_age,
+    max_duration,
+    state_dir,
+    max_rate,
+    no_processes,
+):
     """Re-check every artifact's presence, size and SHA-256 against the DB, and find orphans.
 
     Exit 0 clean, 1 warnings only, 2 any error finding, 3 could not check.
 
     \b
-    Example:
+    Examples:
       chachaml-ops verify --db /srv/ml/chachaml.db --json > report.json
+      chachaml-ops verify --db /srv/ml/chachaml.db --max-age 7d --max-duration 2h
     """
     opts = CheckOptions(
         hash=not quick,
@@ -193,6 +259,11 @@ def verify(db, artifact_dir, busy_timeout, as_json, jobs, runs, quick, subset, m
         subset=subset,
         min_age=min_age,
         drop_cache=drop_cache,
+        max_age=max_age,
+        max_duration=max_duration,
+        state_dir=state_dir,
+        max_rate=max_rate,
+        processes=not no_processes,
     )
     progress = _Progress()
     with Store(db, busy_timeout_ms=busy_timeout) as store:

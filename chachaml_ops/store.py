@@ -205,6 +205,25 @@ class Store:
                     run_status=r[8],
                 )
 
+    def run_row_counts(self, run_ids: Iterable[str] = ()) -> list[tuple[str, int]]:
+        """(run_id, number of artifact rows) for every run that has rows, by run_id."""
+        where, args = self._run_filter(run_ids)
+        sql = f"SELECT a.run_id, count(*) FROM artifacts a{where} GROUP BY a.run_id ORDER BY 1"
+        return self._guard(lambda: [(str(r), n) for r, n in self.conn.execute(sql, args)])
+
+    def iter_foreign_paths(self) -> Iterator[tuple[str, str, str]]:
+        """(run_id, name, path) of rows whose path does not start with `<run_id>/`: the only
+        rows that can reference a file outside their own run folder."""
+        sql = (
+            "SELECT run_id, name, path FROM artifacts"
+            " WHERE substr(path, 1, length(run_id) + 1) IS NOT run_id || '/'"
+            " OR instr(run_id, '/') > 0 OR run_id IN ('', '.', '..')"
+        )
+        cursor = self._guard(self.conn.execute, sql)
+        while batch := self._guard(cursor.fetchmany, _BATCH):
+            for run_id, name, path in batch:
+                yield str(run_id), str(name), path if isinstance(path, str) else str(path or "")
+
     def iter_dangling_model_versions(self) -> Iterator[DanglingVersion]:
         if not self.has_model_versions:
             return
@@ -250,8 +269,12 @@ class Store:
     def _ensure_temp(self) -> None:
         if self._temp_ready:
             return
+        # Scratch data is rebuilt on every run: no journal, no syncs, a bigger page cache.
         self.conn.executescript(
             "PRAGMA temp_store = FILE;"
+            "PRAGMA temp.journal_mode = OFF;"
+            "PRAGMA temp.synchronous = OFF;"
+            "PRAGMA temp.cache_size = -16384;"
             "CREATE TEMP TABLE refs (path BLOB PRIMARY KEY) WITHOUT ROWID;"
             "CREATE TEMP TABLE seen (path BLOB PRIMARY KEY, type TEXT) WITHOUT ROWID;"
         )
