@@ -243,15 +243,16 @@ def add_new_artifacts(root: Path, count: int, size: int) -> None:
     (art / run_id).mkdir()
     conn = sqlite3.connect(root / "store.db", isolation_level=None)
     conn.execute("DELETE FROM artifacts WHERE run_id = ?", (run_id,))
-    conn.execute("INSERT OR IGNORE INTO runs VALUES (?, 'bench', 'new', 'completed', 0, 0)", (run_id,))
+    conn.execute(
+        "INSERT OR IGNORE INTO runs VALUES (?, 'bench', 'new', 'completed', 0, 0)", (run_id,)
+    )
     rows = []
     for i in range(count):
         data = os.urandom(size)
         name = f"new{i:06d}.bin"
         (art / run_id / name).write_bytes(data)
-        rows.append(
-            (f"new-{i}", run_id, name, f"{run_id}/{name}", size, hashlib.sha256(data).hexdigest(), T0_MS)
-        )
+        digest = hashlib.sha256(data).hexdigest()
+        rows.append((f"new-{i}", run_id, name, f"{run_id}/{name}", size, digest, T0_MS))
     _insert_rows(conn, rows)
     conn.close()
 
@@ -455,9 +456,7 @@ def bench_million(q: bool, figs: list[Figure], facts: dict) -> None:
     assert int(find.stdout) == n, find
     quick = best_of(2, lambda: timed(verify_cmd(root, "--quick")))
     assert quick.code == 0 and stats_of(quick)["rows"] == n, quick
-    orph = best_of(
-        2, lambda: timed([*OPS, "orphans", "--db", str(root / "store.db"), "--json"])
-    )
+    orph = best_of(2, lambda: timed([*OPS, "orphans", "--db", str(root / "store.db"), "--json"]))
     assert orph.code == 0, orph
     label = f"{n:,}"
     for what, t in ((f"verify --quick, {label} rows", quick), (f"orphans, {label} files", orph)):
@@ -541,7 +540,10 @@ def table(figs: list[Figure]) -> str:
         for f in figs
     ]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+
+    def line(cells: tuple[str, ...]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(head), sep, *map(line, rows)])
 

@@ -189,8 +189,17 @@ class StateDB:
         self.conn.executemany(
             "INSERT OR REPLACE INTO verify_marks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
-                (store, m.artifact_id, m.run_id, m.size, m.mtime_ns, m.inode, m.ctime_ns,
-                 m.sha256, m.verified_at)
+                (
+                    store,
+                    m.artifact_id,
+                    m.run_id,
+                    m.size,
+                    m.mtime_ns,
+                    m.inode,
+                    m.ctime_ns,
+                    m.sha256,
+                    m.verified_at,
+                )
                 for m in marks
             ),
         )

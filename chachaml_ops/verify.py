@@ -65,6 +65,7 @@ class Subset:
     def __str__(self) -> str:
         return f"{self.n}/{self.t}"
 
+
 @dataclass(frozen=True)
 class CheckOptions:
     hash: bool = True  # False is --quick: presence and size only
@@ -735,6 +736,7 @@ def _check_registry(store: Store) -> Iterator[Finding]:
             mv.run_id,
             {"model_name": mv.model_name, "version": mv.version, "stage": mv.stage},
         )
+
 
 # -- unreferenced files -------------------------------------------------------------------
 
