@@ -145,6 +145,7 @@ class CheckStats:
             "duration_s": round(elapsed, 3),
             "hash_rate_mib_s": round(self.bytes_hashed / elapsed / 2**20, 1) if elapsed else 0,
             "mode": "quick" if not opts.hash else "full",
+            "workers": self.workers,
         }
         if opts.subset:
             doc["subset"] = str(opts.subset)
@@ -347,7 +348,7 @@ def _plan(
 
         units.sort(key=priority)
     total = sum(counts.values())
-    target = min(20_000, max(500, total // max(1, opts.jobs * 8)))
+    target = min(20_000, max(_MIN_BATCH_ROWS, total // max(1, opts.jobs * 8)))
     batches: list[_Batch] = []
     runs: list[str] = []
     scan: list[str] = []
@@ -431,6 +432,8 @@ def _run_batches(
 
 _WORKER_CONTEXT: _Context | None = None
 _THREADS_FROM_MEAN_SIZE = 1 << 20
+# Big enough that a fork and a result pickle cost little next to the batch's work.
+_MIN_BATCH_ROWS = 500
 
 
 def _worker_batch(batch: _Batch) -> _BatchResult:
