@@ -211,6 +211,31 @@ class Store:
         sql = f"SELECT a.run_id, count(*) FROM artifacts a{where} GROUP BY a.run_id ORDER BY 1"
         return self._guard(lambda: [(str(r), n) for r, n in self.conn.execute(sql, args)])
 
+    def iter_row_paths(self, run_ids: Iterable[str]) -> Iterator[tuple[str, str, str, str]]:
+        """(id, run_id, name, path) of these runs' rows: the lean read `orphans` needs."""
+        where, args = self._run_filter(run_ids)
+        sql = f"SELECT a.id, a.run_id, a.name, a.path FROM artifacts a{where}"
+        cursor = self._guard(self.conn.execute, sql, args)
+        while batch := self._guard(cursor.fetchmany, _BATCH):
+            yield from batch
+
+    def known_runs(self, run_ids: Iterable[str]) -> set[str]:
+        """Which of these run ids have a runs row (all of them if the store has no runs table)."""
+        ids = list(run_ids)
+        if not self.has_runs:
+            return set(ids)
+        found: set[str] = set()
+        for i in range(0, len(ids), 500):
+            part = [_bind(r) for r in ids[i : i + 500]]
+            marks = ",".join("CAST(? AS TEXT)" for _ in part)
+            sql = f"SELECT id FROM runs WHERE id IN ({marks})"
+            rows = self._guard(self._fetchall, sql, part)
+            found.update(r for (r,) in rows)
+        return found
+
+    def _fetchall(self, sql: str, args: list[Any]) -> list[Any]:
+        return self.conn.execute(sql, args).fetchall()
+
     def iter_foreign_paths(self) -> Iterator[tuple[str, str, str]]:
         """(run_id, name, path) of rows whose path does not start with `<run_id>/`: the only
         rows that can reference a file outside their own run folder."""

@@ -273,11 +273,8 @@ def check_store(
             state_dir=state_dir,
         )
         strays, batches = _plan(store, tree, opts, ctx)
-        foreign = _foreign_refs(store) if opts.orphans else {}
-        for relpath, kind in strays:
-            if relpath not in foreign.get("", ()):
-                store.add_seen([(relpath, kind)])
-                stats.files_seen += 1
+        store.add_seen(strays)
+        stats.files_seen += len(strays)
         ctx.progress = progress
         for result in _run_batches(ctx, batches, stats, stop):
             yield from result.findings
@@ -287,11 +284,7 @@ def check_store(
                 state.put_marks(marks_key, result.good)
                 state.drop_marks(marks_key, result.bad)
             if result.candidates:
-                store.add_seen(
-                    (rel, kind)
-                    for rel, kind in result.candidates
-                    if rel not in foreign.get(run_folder_of(rel) or "", ())
-                )
+                store.add_seen(result.candidates)
             if progress:
                 progress(stats)
     finally:
@@ -458,7 +451,11 @@ def _check_batch(
     res = _BatchResult([], stats, [], [], [])
     refs: set[str] = set()
     marks = ctx.marks.for_runs(batch.runs) if ctx.marks is not None and batch.runs else {}
-    rows: Iterable[ArtifactRow] = store.iter_artifacts(batch.runs) if batch.runs else ()
+    rows: Iterable[ArtifactRow] = ()
+    if batch.runs and not opts.rows:
+        rows = _lean_rows(store, batch.runs, refs, stats)
+    elif batch.runs:
+        rows = store.iter_artifacts(batch.runs)
     if opts.max_duration is not None and marks:
         # Within the batch too, the least recently verified rows go first.
         rows = sorted(rows, key=lambda r: marks[r.id].verified_at if r.id in marks else 0.0)
@@ -512,6 +509,36 @@ def _check_batch(
             if item.relpath not in refs:
                 res.candidates.append((item.relpath, item.type))
     return res
+
+
+def _lean_rows(
+    store: Store, runs: tuple[str, ...], refs: set[str], stats: CheckStats
+) -> Iterator[ArtifactRow]:
+    """Orphans only need each row's resolved path: add the plain ones to `refs` directly and
+    yield only rows that may produce a finding (unknown run, object key, unsafe path)."""
+    known = store.known_runs(runs)
+    has_runs = store.has_runs
+    for aid, run_id, name, raw in store.iter_row_paths(runs):
+        path = raw if isinstance(raw, str) else str(raw or "")
+        run_known = run_id in known
+        if run_known and not is_object_key(path, run_id, name):
+            try:
+                refs.add(resolve_stored_path(path))
+                stats.rows += 1
+                continue
+            except UnsafePath:
+                pass
+        yield ArtifactRow(
+            str(aid),
+            str(run_id),
+            str(name),
+            path,
+            None,
+            None,
+            None,
+            run_known if has_runs else None,
+            None,
+        )
 
 
 def _count_coverage(stats: CheckStats, row: ArtifactRow, mark: VerifyMark | None) -> None:
@@ -748,7 +775,12 @@ def _check_unreferenced(store, tree, opts, stats, clock, stop) -> Iterator[Findi
     """Classify the files the batches found unnamed (spooled in the TEMP table `seen`)."""
     now = clock()
     runs: dict[str, tuple[bool, str | None]] = {}
+    foreign: dict[str, set[str]] | None = None
     for relpath, _ in store.iter_unreferenced():
+        if foreign is None:  # a full scan of the rows, so only once there is a candidate
+            foreign = _foreign_refs(store)
+        if relpath in foreign.get(run_folder_of(relpath) or "", ()):
+            continue
         if stop():
             stats.interrupted = True
             return
