@@ -7,10 +7,8 @@ bench/results.json. `--only NAME` runs one figure group, `--quick` uses smaller 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import hashlib
 import json
-import mmap
 import os
 import re
 import shutil
@@ -101,23 +99,14 @@ def hashlib_bytes_per_s(path: Path) -> float:
 
 
 def resident_bytes(paths: list[Path]) -> int:
-    """Bytes of these files in the page cache (mincore), so the drop-cache effect is visible."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    page = os.sysconf("SC_PAGE_SIZE")
-    total = 0
-    for p in paths:
-        size = p.stat().st_size
-        if size == 0:
-            continue
-        with open(p, "rb") as fh, mmap.mmap(fh.fileno(), size, prot=mmap.PROT_READ) as mm:
-            pages = (size + page - 1) // page
-            vec = (ctypes.c_ubyte * pages)()
-            addr = ctypes.c_void_p.from_buffer(mm)  # type: ignore[arg-type]
-            if libc.mincore(addr, ctypes.c_size_t(size), vec) != 0:
-                raise OSError(ctypes.get_errno(), "mincore failed")
-            del addr
-            total += sum(v & 1 for v in vec) * page
-    return min(total, sum(p.stat().st_size for p in paths))
+    """Bytes of these files in the page cache, by util-linux `fincore` (mincore(2))."""
+    out = subprocess.run(
+        ["fincore", "--bytes", "--raw", "--noheadings", "--output", "RES", *map(str, paths)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return sum(int(x) for x in out.split())
 
 
 def warm(paths: list[Path]) -> None:
@@ -285,14 +274,14 @@ def verify_cmd(root: Path, *args: str) -> list[str]:
 
 def stats_of(t: Timing) -> dict:
     try:
-        return json.loads(t.stdout)["stats"]
+        return json.loads(t.stdout)["summary"]
     except (ValueError, KeyError):
         return {}
 
 
 def bench_large(q: bool, figs: list[Figure], facts: dict) -> None:
     count, size = 4, (64 if q else 512) * MIB
-    root = build_large(WORK / "large", count, size)
+    root = build_large(WORK / ("large-q" if q else "large"), count, size)
     files = files_of(root)
     warm(files)
     total = count * size
@@ -379,7 +368,7 @@ def bench_large(q: bool, figs: list[Figure], facts: dict) -> None:
 
 def bench_small(q: bool, figs: list[Figure], facts: dict) -> None:
     runs, per_run, size = (10, 1000, 4096) if q else (50, 1000, 4096)
-    root = build_store(WORK / "small", runs, per_run, size, "s")
+    root = build_store(WORK / ("small-q" if q else "small"), runs, per_run, size, "s")
     rels = relpaths_of(root)
     art = root / "store-artifacts"
     sums = best_of(2, lambda: timed(["sha256sum", *rels], cwd=art))
@@ -413,9 +402,9 @@ def bench_small(q: bool, figs: list[Figure], facts: dict) -> None:
 
 def bench_incremental(q: bool, figs: list[Figure], facts: dict) -> None:
     runs, per_run, size = (4, 250, 2 * MIB) if q else (20, 250, 2 * MIB)
-    root = build_store(WORK / "incr", runs, per_run, size, "i")
+    root = build_store(WORK / ("incr-q" if q else "incr"), runs, per_run, size, "i")
     warm(files_of(root))
-    state = WORK / "incr-state"
+    state = WORK / ("incr-q-state" if q else "incr-state")
     if state.exists():
         shutil.rmtree(state)
     n_new = runs * per_run // 100
@@ -450,7 +439,7 @@ def bench_incremental(q: bool, figs: list[Figure], facts: dict) -> None:
 def bench_million(q: bool, figs: list[Figure], facts: dict) -> None:
     runs, per_run = (100, 1000) if q else (1000, 1000)
     n = runs * per_run
-    root = build_store(WORK / "million", runs, per_run, 0, "e")
+    root = build_store(WORK / ("million-q" if q else "million"), runs, per_run, 0, "e")
     art = root / "store-artifacts"
     find = best_of(3, lambda: timed(f"find {art} -type f | wc -l", shell=True))
     assert int(find.stdout) == n, find

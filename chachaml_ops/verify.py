@@ -33,7 +33,7 @@ from chachaml_ops.layout import (
     split_run_name,
 )
 from chachaml_ops.report import Finding, Report, iso_time
-from chachaml_ops.scan import ScanProblem, scan_tree
+from chachaml_ops.scan import ScanProblem, scan_unnamed
 from chachaml_ops.state import MarkReader, StateDB, VerifyMark, default_state_dir, store_key
 from chachaml_ops.store import ArtifactRow, Store
 
@@ -499,14 +499,14 @@ def _check_batch(
     while window:
         _settle(ctx, window.popleft(), marks, res)
     if batch.folders:
-        for item in scan_tree(tree.root, batch.folders):
+        seen, unnamed = scan_unnamed(tree.root, batch.folders, refs)
+        stats.files_seen += seen
+        for item in unnamed:
             if isinstance(item, ScanProblem):
                 res.findings.append(
                     Finding("unreadable", item.relpath, f"cannot list folder: {item.error}")
                 )
-                continue
-            stats.files_seen += 1
-            if item.relpath not in refs:
+            else:
                 res.candidates.append((item.relpath, item.type))
     return res
 
