@@ -45,6 +45,7 @@ class Timing:
     max_rss_mb: float
     code: int
     stdout: bytes = b""
+    cpu_s: float = 0.0  # user + system of the whole process tree
 
 
 def timed(cmd: list[str] | str, *, cwd: Path | None = None, shell: bool = False) -> Timing:
@@ -57,7 +58,8 @@ def timed(cmd: list[str] | str, *, cwd: Path | None = None, shell: bool = False)
     _, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return Timing(elapsed, usage.ru_maxrss / 1024, proc.returncode, out)
+    cpu = usage.ru_utime + usage.ru_stime
+    return Timing(elapsed, usage.ru_maxrss / 1024, proc.returncode, out, cpu)
 
 
 def best_of(n: int, fn) -> Timing:
@@ -305,6 +307,17 @@ def bench_large(q: bool, figs: list[Figure], facts: dict) -> None:
             extra={"rss_mb": full.max_rss_mb},
         )
     )
+    figs.append(
+        Figure(
+            "large",
+            "  same, CPU seconds (user+sys; immune to other load)",
+            full.cpu_s,
+            sums.cpu_s,
+            "s",
+            "(context)",
+            None,
+        )
+    )
     steady = total / max(full.seconds - quick.seconds, 1e-9)
     figs.append(
         Figure(
@@ -316,6 +329,18 @@ def bench_large(q: bool, figs: list[Figure], facts: dict) -> None:
             ">= 0.8 of 2-core openssl",
             steady >= 0.8 * 2 * ssl,
             extra={"quick_s": quick.seconds},
+        )
+    )
+    per_cpu = total / max(full.cpu_s - quick.cpu_s, 1e-9)
+    figs.append(
+        Figure(
+            "large",
+            "  hash rate per CPU-second (full - quick) vs 1-core openssl",
+            per_cpu / 1e6,
+            ssl / 1e6,
+            "MB/s",
+            "(context: the 2-core goal needs >= 0.8)",
+            None,
         )
     )
     facts["large_full_rss_mb"] = full.max_rss_mb
@@ -386,6 +411,17 @@ def bench_small(q: bool, figs: list[Figure], facts: dict) -> None:
             extra={"rss_mb": full.max_rss_mb},
         )
     )
+    figs.append(
+        Figure(
+            "small",
+            "  same, CPU seconds (user+sys; immune to other load)",
+            full.cpu_s,
+            sums.cpu_s,
+            "s",
+            "(context)",
+            None,
+        )
+    )
     threads = best_of(2, lambda: timed(verify_cmd(root, "--no-processes")))
     figs.append(
         Figure(
@@ -442,6 +478,7 @@ def bench_million(q: bool, figs: list[Figure], facts: dict) -> None:
     root = build_store(WORK / ("million-q" if q else "million"), runs, per_run, 0, "e")
     art = root / "store-artifacts"
     find = best_of(3, lambda: timed(f"find {art} -type f | wc -l", shell=True))
+    facts["find_cpu_s"] = round(find.cpu_s, 2)
     assert int(find.stdout) == n, find
     quick = best_of(2, lambda: timed(verify_cmd(root, "--quick")))
     assert quick.code == 0 and stats_of(quick)["rows"] == n, quick
@@ -458,6 +495,7 @@ def bench_million(q: bool, figs: list[Figure], facts: dict) -> None:
                 "s",
                 "<= 2x find | wc -l",
                 t.seconds <= 2 * find.seconds,
+                note=f"CPU {t.cpu_s:.1f}s vs find {find.cpu_s:.1f}s",
             )
         )
         figs.append(
@@ -544,14 +582,22 @@ def main() -> None:
     args = ap.parse_args()
     WORK.mkdir(exist_ok=True)
     figs: list[Figure] = []
-    facts: dict = {"cpus": os.cpu_count(), "quick": args.quick}
+    facts: dict = {
+        "cpus": os.cpu_count(),
+        "quick": args.quick,
+        "loadavg_at_start": round(os.getloadavg()[0], 2),
+    }
     start = time.perf_counter()
     for name in args.only or list(GROUPS):
         t = time.perf_counter()
         GROUPS[name](args.quick, figs, facts)
         print(f"[{name}: {time.perf_counter() - t:.0f}s]", file=sys.stderr, flush=True)
     facts["bench_seconds"] = round(time.perf_counter() - start)
+    facts["loadavg_at_end"] = round(os.getloadavg()[0], 2)
     print(table(figs))
+    for f in figs:
+        if f.note:
+            print(f"  * {f.name.strip()}: {f.note}")
     print("\n" + ", ".join(f"{k}={v}" for k, v in facts.items()))
     doc = {
         "facts": facts,
