@@ -7,6 +7,7 @@ cross-checked; finally the tree is walked and anti-joined against the rows in SQ
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import os
@@ -220,6 +221,7 @@ class _Context:
     marks: MarkReader | None = None
     pid: int = 0
     progress: ProgressFn | None = None  # inline only: workers report per batch
+    root_problem: str | None = None  # the artifact dir itself could not be listed
 
     def open(self) -> _Context:
         """Per-process connections: SQLite handles must never cross a fork."""
@@ -273,6 +275,8 @@ def check_store(
             state_dir=state_dir,
         )
         strays, batches = _plan(store, tree, opts, ctx)
+        if ctx.root_problem is not None:
+            yield Finding("unreadable", "", f"cannot list folder: {ctx.root_problem}")
         store.add_seen(strays)
         stats.files_seen += len(strays)
         ctx.progress = progress
@@ -311,8 +315,13 @@ def _plan(
     strays: list[tuple[str, str]] = []
     if opts.orphans:
         wanted = set(opts.run_ids)
-        with os.scandir(tree.root) as it:
-            for entry in it:
+        try:
+            it = os.scandir(tree.root)
+        except OSError as exc:
+            ctx.root_problem = exc.strerror or str(exc)
+            it = None
+        with it or contextlib.nullcontext(()) as entries:
+            for entry in entries:
                 if wanted and entry.name not in wanted:
                     continue
                 try:
