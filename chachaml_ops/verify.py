@@ -12,6 +12,7 @@ import math
 import multiprocessing
 import os
 import re
+import signal
 import stat
 import time
 import zlib
@@ -404,7 +405,7 @@ def _run_batches(
         stats.workers = "processes"
         global _WORKER_CONTEXT
         _WORKER_CONTEXT = ctx
-        pool = multiprocessing.get_context("fork").Pool(ctx.opts.jobs)
+        pool = multiprocessing.get_context("fork").Pool(ctx.opts.jobs, _worker_init)
         try:
             for result in pool.imap(_worker_batch, batches):
                 yield result
@@ -436,6 +437,13 @@ _WORKER_CONTEXT: _Context | None = None
 _THREADS_FROM_MEAN_SIZE = 1 << 20
 # Big enough that a fork and a result pickle cost little next to the batch's work.
 _MIN_BATCH_ROWS = 500
+
+
+def _worker_init() -> None:
+    # A host's handlers (the daemon's SIGTERM flag) must not keep a worker alive when the
+    # pool terminates it; Ctrl-C goes to the parent, which then terminates the pool.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _worker_batch(batch: _Batch) -> _BatchResult:
