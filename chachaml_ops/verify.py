@@ -506,10 +506,11 @@ def _check_batch(
             stats.files_deferred += 1
             stats.bytes_deferred += pending.st.st_size
             continue
-        if pool is None:
+        if pool is None:  # hashed in order right here: no window to keep
             pending.result = _hash(tree, pending, opts, ctx.throttle)
-        else:
-            pending.future = pool.submit(_hash, tree, pending, opts, ctx.throttle)
+            _settle(ctx, pending, marks, res)
+            continue
+        pending.future = pool.submit(_hash, tree, pending, opts, ctx.throttle)
         window.append(pending)
         while window and (len(window) > depth or _ready(window[0])):
             _settle(ctx, window.popleft(), marks, res)
