@@ -56,7 +56,23 @@ class SubsetType(click.ParamType):
             self.fail(exc.one_line(), param, ctx)
 
 
+class SizeType(click.ParamType):
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        try:
+            rate = parse_size(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        if rate <= 0:
+            self.fail(f"{value!r} must be more than 0", param, ctx)
+        return rate
+
+
 DURATION = DurationType()
+SIZE = SizeType()
 
 
 def store_options(fn):
@@ -234,6 +250,32 @@ def _check_runs(store: Store, artifact_dir: Path, runs: tuple[str, ...]) -> None
     "--drop-cache", is_flag=True, help="Tell the kernel to drop hashed files from the page cache."
 )
 @lock_options
+@click.option(
+    "--max-age",
+    type=DURATION,
+    default=None,
+    help="Skip files verified good within this age (e.g. 7d) whose size, mtime, ctime and "
+    "inode are unchanged; new or changed files are always hashed. Marks live in --state-dir.",
+)
+@click.option(
+    "--max-duration",
+    type=DURATION,
+    default=None,
+    help="Hashing budget (e.g. 2h): least recently verified first, then stop cleanly. "
+    "Presence and size checks still cover every row. Uses --state-dir.",
+)
+@click.option(
+    "--max-rate",
+    type=SIZE,
+    default=None,
+    metavar="BYTES/S",
+    help="Cap hashing reads across all workers, e.g. 200M (MiB/s).",
+)
+@click.option(
+    "--no-processes",
+    is_flag=True,
+    help="Hash on threads only (by default many small files are checked by forked workers).",
+)
 def verify(
     db,
     artifact_dir,
@@ -247,14 +289,19 @@ def verify(
     drop_cache,
     wait,
     state_dir,
+    max_age,
+    max_duration,
+    max_rate,
+    no_processes,
 ):
     """Re-check every artifact's presence, size and SHA-256 against the DB, and find orphans.
 
     Exit 0 clean, 1 warnings only, 2 any error finding, 3 could not check.
 
     \b
-    Example:
+    Examples:
       chachaml-ops verify --db /srv/ml/chachaml.db --json > report.json
+      chachaml-ops verify --db /srv/ml/chachaml.db --max-age 7d --max-duration 2h
     """
     if quick and subset:
         raise UsageError(
@@ -267,6 +314,12 @@ def verify(
         subset=subset,
         min_age=min_age,
         drop_cache=drop_cache,
+        max_age=max_age,
+        max_duration=max_duration,
+        # marks are read and written only by incremental runs: a plain verify stays read-only
+        state_dir=state_dir if (max_age is not None or max_duration is not None) else None,
+        max_rate=max_rate,
+        processes=not no_processes,
     )
     progress = _Progress()
     log = logs.get_logger(store=str(db), job="verify")
@@ -562,18 +615,6 @@ def _render_status(doc: dict) -> str:
 # -- backups ------------------------------------------------------------------------------
 
 
-class SizeType(click.ParamType):
-    name = "size"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, int):
-            return value
-        try:
-            return parse_size(value)
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
-
-
 def retention_options(fn):
     """--keep-last/daily/weekly/monthly, shared by backup and prune."""
     for name, what in (
@@ -625,7 +666,7 @@ def _emit_doc(doc: dict) -> None:
 @click.option("--include-orphans", is_flag=True, help="Also archive unreferenced files (orphans/).")
 @click.option(
     "--bwlimit",
-    type=SizeType(),
+    type=SIZE,
     default=None,
     metavar="SIZE",
     help="Read at most SIZE bytes per second from the store (e.g. 50M).",

@@ -6,7 +6,6 @@ same code runs whether a job was fired by cron, by catch-up at start, or by a lo
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sqlite3
@@ -171,11 +170,13 @@ class JobRunner:
         }
         if cfg.jobs:
             kw["jobs"] = cfg.jobs
-        # Incremental verification adds these to CheckOptions; pass them only when it has them.
-        known = {f.name for f in dataclasses.fields(CheckOptions)}
-        for name in ("max_duration", "max_age"):
-            if getattr(cfg, name) is not None and name in known and not quick:
-                kw[name] = getattr(cfg, name)
+        if not quick and (cfg.max_age is not None or cfg.max_duration is not None):
+            kw.update(
+                max_age=cfg.max_age, max_duration=cfg.max_duration, state_dir=self.config.state_dir
+            )
+        # Never fork worker processes from the daemon: its scheduler and watcher threads may
+        # hold locks (logging, SQLite) that a forked child would inherit locked.
+        kw["processes"] = False
         with Store(store.db) as s:
             report = run_check(
                 s, store.artifact_dir, CheckOptions(**kw), should_stop=self.should_stop
@@ -202,7 +203,9 @@ class JobRunner:
         from chachaml_ops.orphans import find_orphans
 
         with Store(store.db) as s:
-            report = find_orphans(s, store.artifact_dir, self.config.orphans.min_age)
+            report = find_orphans(
+                s, store.artifact_dir, self.config.orphans.min_age, processes=False
+            )
         return report, {"exit_code": report.exit_code(), "by_kind": report.counts(), **report.stats}
 
     # -- after a job ----------------------------------------------------------------------

@@ -25,13 +25,17 @@ def derive_artifact_dir(db: Path) -> Path:
 
 def resolve_stored_path(stored: str) -> str:
     """Normalise a stored relative path to `a/b/c`, or raise UnsafePath saying why."""
+    parts = stored.split("/")
+    # Fast path for what chachaml writes (`run/name`): nothing to normalise or refuse.
+    if "" not in parts and "." not in parts and ".." not in parts and "\x00" not in stored:
+        return stored
     if not stored:
         raise UnsafePath("empty path")
     if "\x00" in stored:
         raise UnsafePath("path contains a NUL byte")
     if stored.startswith("/"):
         raise UnsafePath("absolute path")
-    parts = [p for p in stored.split("/") if p not in ("", ".")]
+    parts = [p for p in parts if p not in ("", ".")]
     if ".." in parts:
         raise UnsafePath("path has a '..' segment")
     if not parts:

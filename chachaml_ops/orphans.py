@@ -41,8 +41,10 @@ class PlannedRemoval:
     run_id: str | None
 
 
-def orphan_options(min_age: float, run_ids: tuple[str, ...] = ()) -> CheckOptions:
-    return CheckOptions(min_age=min_age, run_ids=run_ids, **ORPHAN_ONLY)
+def orphan_options(
+    min_age: float, run_ids: tuple[str, ...] = (), *, processes: bool = True
+) -> CheckOptions:
+    return CheckOptions(min_age=min_age, run_ids=run_ids, processes=processes, **ORPHAN_ONLY)
 
 
 def find_orphans(
@@ -51,10 +53,13 @@ def find_orphans(
     min_age: float,
     run_ids: tuple[str, ...] = (),
     clock: Callable[[], float] = time.time,
+    *,
+    processes: bool = True,
 ) -> Report:
-    report = run_check(
-        store, artifact_dir, orphan_options(min_age, run_ids), command="orphans", clock=clock
-    )
+    """Every unreferenced file, classified. `processes=False` in a process that runs threads
+    of its own (the daemon): forked workers would inherit their locks."""
+    opts = orphan_options(min_age, run_ids, processes=processes)
+    report = run_check(store, artifact_dir, opts, command="orphans", clock=clock)
     # Row problems are verify's business; a folder that could not be listed stays, since it
     # means the orphan list is incomplete.
     report.findings = [f for f in report.findings if f.kind in ORPHAN_KINDS]

@@ -13,7 +13,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,7 +93,61 @@ CREATE TABLE IF NOT EXISTS job_runs (
   store TEXT NOT NULL, job TEXT NOT NULL, started REAL NOT NULL, finished REAL,
   exit_code INTEGER, summary TEXT);
 CREATE INDEX IF NOT EXISTS job_runs_by_store ON job_runs (store, job, started);
+CREATE TABLE IF NOT EXISTS verify_marks (
+  store TEXT NOT NULL, artifact_id TEXT NOT NULL, run_id TEXT NOT NULL,
+  size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, inode INTEGER NOT NULL,
+  ctime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL, verified_at REAL NOT NULL,
+  PRIMARY KEY (store, artifact_id)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS verify_marks_by_run ON verify_marks (store, run_id);
 """
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyMark:
+    """An artifact last verified good at `verified_at`, and what its file looked like then."""
+
+    artifact_id: str
+    run_id: str
+    size: int
+    mtime_ns: int
+    inode: int
+    ctime_ns: int
+    sha256: str
+    verified_at: float
+
+
+class MarkReader:
+    """A read-only view of the verify marks, one per process (forked workers open their own)."""
+
+    def __init__(self, state_dir: Path, store: str) -> None:
+        path = os.path.abspath(Path(state_dir) / "state.db")
+        self.store = store
+        self.conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def for_runs(self, run_ids: Iterable[str]) -> dict[str, VerifyMark]:
+        """Marks of these runs' artifacts, by artifact id (memory bounded by the runs asked)."""
+        out: dict[str, VerifyMark] = {}
+        ids = list(run_ids)
+        for i in range(0, len(ids), 500):
+            part = ids[i : i + 500]
+            sql = (
+                "SELECT artifact_id, run_id, size, mtime_ns, inode, ctime_ns, sha256, verified_at"
+                f" FROM verify_marks WHERE store = ? AND run_id IN ({','.join('?' * len(part))})"
+            )
+            for r in self.conn.execute(sql, (self.store, *part)):
+                out[r[0]] = VerifyMark(*r)
+        return out
+
+    def run_summary(self) -> dict[str, tuple[int, float]]:
+        """run_id -> (marks held, oldest verified_at): which runs to verify first."""
+        sql = (
+            "SELECT run_id, count(*), min(verified_at) FROM verify_marks"
+            " WHERE store = ? GROUP BY run_id"
+        )
+        return {r: (n, oldest) for r, n, oldest in self.conn.execute(sql, (self.store,))}
 
 
 @dataclass(frozen=True)
@@ -107,7 +161,7 @@ class JobRun:
 
 
 class StateDB:
-    """chachaml-ops' own SQLite in the state dir: job history (and, later, verify marks)."""
+    """chachaml-ops' own SQLite in the state dir: job history and verify marks."""
 
     def __init__(self, state_dir: Path) -> None:
         self.dir = Path(state_dir)
@@ -137,6 +191,35 @@ class StateDB:
         self.conn.execute(
             "INSERT INTO job_runs VALUES (?, ?, ?, ?, ?, ?)",
             (store, job, started, finished, exit_code, json.dumps(summary)),
+        )
+
+    def put_marks(self, store: str, marks: Iterable[VerifyMark]) -> None:
+        """Record artifacts just verified good (replacing older marks)."""
+        self.conn.execute("BEGIN")
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO verify_marks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                (
+                    store,
+                    m.artifact_id,
+                    m.run_id,
+                    m.size,
+                    m.mtime_ns,
+                    m.inode,
+                    m.ctime_ns,
+                    m.sha256,
+                    m.verified_at,
+                )
+                for m in marks
+            ),
+        )
+        self.conn.execute("COMMIT")
+
+    def drop_marks(self, store: str, artifact_ids: Iterable[str]) -> None:
+        """Forget artifacts found bad (or gone), so the next run hashes them again."""
+        self.conn.executemany(
+            "DELETE FROM verify_marks WHERE store = ? AND artifact_id = ?",
+            ((store, a) for a in artifact_ids),
         )
 
     def last_job(self, store: str, job: str, *, success: bool = False) -> JobRun | None:

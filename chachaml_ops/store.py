@@ -268,6 +268,51 @@ class Store:
                     run_status=r[8],
                 )
 
+    def run_row_counts(self, run_ids: Iterable[str] = ()) -> list[tuple[str, int]]:
+        """(run_id, number of artifact rows) for every run that has rows, by run_id."""
+        where, args = self._run_filter(run_ids)
+        sql = f"SELECT a.run_id, count(*) FROM artifacts a{where} GROUP BY a.run_id ORDER BY 1"
+        return self._guard(lambda: [(str(r), n) for r, n in self.conn.execute(sql, args)])
+
+    def iter_row_paths(self, run_ids: Iterable[str]) -> Iterator[tuple[str, str, str, str]]:
+        """(id, run_id, name, path) of these runs' rows: the lean read `orphans` needs."""
+        where, args = self._run_filter(run_ids)
+        sql = f"SELECT a.id, a.run_id, a.name, a.path FROM artifacts a{where}"
+        cursor = self._guard(self.conn.execute, sql, args)
+        while batch := self._guard(cursor.fetchmany, _BATCH):
+            for aid, run_id, name, path in batch:
+                yield _as_text(aid), _as_text(run_id), _as_text(name), _as_text(path)
+
+    def known_runs(self, run_ids: Iterable[str]) -> set[str]:
+        """Which of these run ids have a runs row (all of them if the store has no runs table)."""
+        ids = list(run_ids)
+        if not self.has_runs:
+            return set(ids)
+        found: set[str] = set()
+        for i in range(0, len(ids), 500):
+            part = [_bind(r) for r in ids[i : i + 500]]
+            marks = ",".join("CAST(? AS TEXT)" for _ in part)
+            sql = f"SELECT id FROM runs WHERE id IN ({marks})"
+            rows = self._guard(self._fetchall, sql, part)
+            found.update(r for (r,) in rows)
+        return found
+
+    def _fetchall(self, sql: str, args: list[Any]) -> list[Any]:
+        return self.conn.execute(sql, args).fetchall()
+
+    def iter_foreign_paths(self) -> Iterator[tuple[str, str, str]]:
+        """(run_id, name, path) of rows whose path does not start with `<run_id>/`: the only
+        rows that can reference a file outside their own run folder."""
+        sql = (
+            "SELECT run_id, name, path FROM artifacts"
+            " WHERE substr(path, 1, length(run_id) + 1) IS NOT run_id || '/'"
+            " OR instr(run_id, '/') > 0 OR run_id IN ('', '.', '..')"
+        )
+        cursor = self._guard(self.conn.execute, sql)
+        while batch := self._guard(cursor.fetchmany, _BATCH):
+            for run_id, name, path in batch:
+                yield str(run_id), str(name), path if isinstance(path, str) else str(path or "")
+
     def iter_dangling_model_versions(self) -> Iterator[DanglingVersion]:
         if not self.has_model_versions:
             return
@@ -344,8 +389,12 @@ class Store:
     def _ensure_temp(self) -> None:
         if self._temp_ready:
             return
+        # Scratch data is rebuilt on every run: no journal, no syncs, a bigger page cache.
         self.conn.executescript(
             "PRAGMA temp_store = FILE;"
+            "PRAGMA temp.journal_mode = OFF;"
+            "PRAGMA temp.synchronous = OFF;"
+            "PRAGMA temp.cache_size = -16384;"
             "CREATE TEMP TABLE refs (path BLOB PRIMARY KEY) WITHOUT ROWID;"
             "CREATE TEMP TABLE seen (path BLOB PRIMARY KEY, type TEXT) WITHOUT ROWID;"
         )

@@ -7,21 +7,25 @@ cross-checked; finally the tree is walked and anti-joined against the rows in SQ
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import math
+import multiprocessing
 import os
 import re
+import signal
 import stat
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from chachaml_ops.errors import ArtifactDirMissing, UsageError
-from chachaml_ops.hashing import Digest, NotRegularFile, OutsideTree, sha256_file
+from chachaml_ops.hashing import Digest, NotRegularFile, OutsideTree, RateLimit, sha256_file
 from chachaml_ops.layout import (
     ArtifactTree,
     UnsafePath,
@@ -29,9 +33,11 @@ from chachaml_ops.layout import (
     is_object_key,
     prefixes,
     resolve_stored_path,
+    run_folder_of,
 )
 from chachaml_ops.report import Finding, Report, human_duration, iso_time
-from chachaml_ops.scan import ScanProblem, scan_tree
+from chachaml_ops.scan import ScanProblem, scan_unnamed
+from chachaml_ops.state import MarkReader, StateDB, VerifyMark, default_state_dir, store_key
 from chachaml_ops.store import ArtifactRow, Store
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -74,6 +80,19 @@ class CheckOptions:
     orphans: bool = True
     cross_refs: bool = True
     drop_cache: bool = False
+    # Incremental verification (marks kept in the state dir, never in the chachaml DB).
+    max_age: float | None = None  # skip files verified good this recently and unchanged since
+    max_duration: float | None = None  # hashing budget (s); least recently verified first
+    state_dir: Path | None = None  # where marks live; default_state_dir() if max_* is set
+    max_rate: float | None = None  # bytes/s ceiling on hashing reads, across all workers
+    processes: bool = True  # fork worker processes when that is faster (many small files)
+
+    @property
+    def incremental(self) -> bool:
+        """Whether this check reads and records verify marks."""
+        return self.hash and (
+            self.state_dir is not None or self.max_age is not None or self.max_duration is not None
+        )
 
 
 @dataclass
@@ -88,6 +107,35 @@ class CheckStats:
     in_flight_bytes: int = 0
     started: float = field(default_factory=time.monotonic)
     interrupted: bool = False
+    # incremental verification
+    files_skipped: int = 0  # verified good within max_age and unchanged
+    bytes_skipped: int = 0
+    files_deferred: int = 0  # left for a later run by max_duration
+    bytes_deferred: int = 0
+    budget_exhausted: bool = False
+    oldest_verified: float | None = None  # over the rows that can be hashed
+    files_never_verified: int = 0
+    bytes_never_verified: int = 0
+    workers: str = "threads"
+
+    def merge(self, other: CheckStats) -> None:
+        """Add a batch's counters (from a worker) to these."""
+        for name in (
+            "rows",
+            "files_hashed",
+            "bytes_hashed",
+            "files_seen",
+            "files_skipped",
+            "bytes_skipped",
+            "files_deferred",
+            "bytes_deferred",
+            "files_never_verified",
+            "bytes_never_verified",
+        ):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.budget_exhausted |= other.budget_exhausted
+        if other.oldest_verified is not None:
+            self.oldest_verified = min(self.oldest_verified or math.inf, other.oldest_verified)
 
     def as_dict(self, opts: CheckOptions) -> dict[str, Any]:
         elapsed = time.monotonic() - self.started
@@ -100,11 +148,25 @@ class CheckStats:
             "duration_s": round(elapsed, 3),
             "hash_rate_mib_s": round(self.bytes_hashed / elapsed / 2**20, 1) if elapsed else 0,
             "mode": "quick" if not opts.hash else "full",
+            "workers": self.workers,
         }
         if opts.subset:
             doc["subset"] = str(opts.subset)
         if opts.run_ids:
             doc["runs"] = list(opts.run_ids)
+        if opts.incremental:
+            doc.update(
+                files_skipped=self.files_skipped,
+                bytes_skipped=self.bytes_skipped,
+                files_deferred=self.files_deferred,
+                bytes_deferred=self.bytes_deferred,
+                budget_exhausted=self.budget_exhausted,
+                oldest_verified=(
+                    None if self.oldest_verified is None else iso_time(self.oldest_verified)
+                ),
+                files_never_verified=self.files_never_verified,
+                bytes_never_verified=self.bytes_never_verified,
+            )
         if self.interrupted:
             doc["interrupted"] = True
         return doc
@@ -114,13 +176,63 @@ ProgressFn = Callable[[CheckStats], None]
 StopFn = Callable[[], bool]
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     row: ArtifactRow
     relpath: str
     st: os.stat_result
+    abspath: bytes
     future: Future[Digest] | None = None
     result: Digest | BaseException | None = None
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """A unit of work: the rows of some runs, and the top-level folders to scan for orphans.
+
+    Folder names come only from the directory listing, never from the DB, so a run id such as
+    `..` is never turned into a path to walk."""
+
+    runs: tuple[str, ...]
+    folders: tuple[str, ...]
+
+
+@dataclass
+class _BatchResult:
+    findings: list[Finding]
+    stats: CheckStats
+    candidates: list[tuple[str, str]]  # (relpath, type) on disk that no row of the batch names
+    good: list[VerifyMark]
+    bad: list[str]  # artifact ids whose marks no longer hold
+
+
+@dataclass
+class _Context:
+    """Everything a batch needs; inherited by forked workers, which open their own store."""
+
+    db: Path
+    busy_timeout_ms: int
+    tree: ArtifactTree
+    opts: CheckOptions
+    clock: Callable[[], float]
+    deadline: float | None
+    throttle: RateLimit | None
+    marks_key: str | None
+    state_dir: Path | None
+    store: Store | None = None
+    marks: MarkReader | None = None
+    pid: int = 0
+    progress: ProgressFn | None = None  # inline only: workers report per batch
+    root_problem: str | None = None  # the artifact dir itself could not be listed
+
+    def open(self) -> _Context:
+        """Per-process connections: SQLite handles must never cross a fork."""
+        if self.pid != os.getpid():
+            self.pid = os.getpid()
+            self.store = Store(self.db, busy_timeout_ms=self.busy_timeout_ms)
+            if self.marks_key is not None and self.state_dir is not None:
+                self.marks = MarkReader(self.state_dir, self.marks_key)
+        return self
 
 
 def check_store(
@@ -146,8 +258,46 @@ def check_store(
         )
     tree = ArtifactTree(Path(artifact_dir))
     store.reset_scratch()
-    yield from _check_rows(store, tree, opts, stats, progress, stop)
-    if stop():
+    state = None
+    marks_key = None
+    state_dir = None
+    if opts.incremental:
+        state_dir = Path(opts.state_dir or default_state_dir())
+        state = StateDB(state_dir)  # creates the marks table before any worker reads it
+        marks_key = store_key(store.db)
+    try:
+        ctx = _Context(
+            db=store.db,
+            busy_timeout_ms=store.busy_timeout_ms,
+            tree=tree,
+            opts=opts,
+            clock=clock,
+            deadline=None if opts.max_duration is None else clock() + opts.max_duration,
+            throttle=RateLimit(opts.max_rate) if opts.max_rate else None,
+            marks_key=marks_key,
+            state_dir=state_dir,
+        )
+        strays, batches = _plan(store, tree, opts, ctx)
+        if ctx.root_problem is not None:
+            yield Finding("unreadable", "", f"cannot list folder: {ctx.root_problem}")
+        store.add_seen(strays)
+        stats.files_seen += len(strays)
+        ctx.progress = progress
+        for result in _run_batches(ctx, batches, stats, stop):
+            yield from result.findings
+            if result.stats is not stats:
+                stats.merge(result.stats)
+            if state is not None and marks_key is not None:
+                state.put_marks(marks_key, result.good)
+                state.drop_marks(marks_key, result.bad)
+            if result.candidates:
+                store.add_seen(result.candidates)
+            if progress:
+                progress(stats)
+    finally:
+        if state is not None:
+            state.close()
+    if stats.interrupted or stop():
         stats.interrupted = True
         return
     if opts.cross_refs and not opts.run_ids:
@@ -156,55 +306,320 @@ def check_store(
         yield from _check_unreferenced(store, tree, opts, stats, clock, stop)
 
 
+# -- planning -----------------------------------------------------------------------------
+
+
+def _plan(
+    store: Store, tree: ArtifactTree, opts: CheckOptions, ctx: _Context
+) -> tuple[list[tuple[str, str]], list[_Batch]]:
+    """Top-level strays, and the runs/folders cut into batches of roughly equal row counts."""
+    counts = dict(store.run_row_counts(opts.run_ids))
+    folders: set[str] = set()
+    strays: list[tuple[str, str]] = []
+    if opts.orphans:
+        wanted = set(opts.run_ids)
+        try:
+            it = os.scandir(tree.root)
+        except OSError as exc:
+            ctx.root_problem = exc.strerror or str(exc)
+            it = None
+        with it or contextlib.nullcontext(()) as entries:
+            for entry in entries:
+                if wanted and entry.name not in wanted:
+                    continue
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        folders.add(entry.name)
+                    elif entry.is_file(follow_symlinks=False):
+                        strays.append((entry.name, "file"))
+                    elif entry.is_symlink():
+                        strays.append((entry.name, "symlink"))
+                    else:
+                        strays.append((entry.name, "special"))
+                except FileNotFoundError:
+                    continue
+    units = sorted(set(counts) | folders)
+    if opts.max_duration is not None and ctx.marks_key is not None and ctx.state_dir is not None:
+        # Least recently verified first: runs with never-verified rows, then by oldest mark.
+        reader = MarkReader(ctx.state_dir, ctx.marks_key)
+        try:
+            summary = reader.run_summary()
+        finally:
+            reader.close()
+
+        def priority(unit: str) -> float:
+            held, oldest = summary.get(unit, (0, 0.0))
+            return 0.0 if held < counts.get(unit, 0) else oldest
+
+        units.sort(key=priority)
+    total = sum(counts.values())
+    target = min(20_000, max(_MIN_BATCH_ROWS, total // max(1, opts.jobs * 8)))
+    batches: list[_Batch] = []
+    runs: list[str] = []
+    scan: list[str] = []
+    size = 0
+    for unit in units:
+        if unit in counts:
+            runs.append(unit)
+            size += counts[unit]
+        if unit in folders:
+            scan.append(unit)
+            size += 1
+        if size >= target or len(runs) >= 256 or len(scan) >= 256:
+            batches.append(_Batch(tuple(runs), tuple(scan)))
+            runs, scan, size = [], [], 0
+    if runs or scan:
+        batches.append(_Batch(tuple(runs), tuple(scan)))
+    return strays, batches
+
+
+def _foreign_refs(store: Store) -> dict[str, set[str]]:
+    """Files referenced by rows of other runs (paths not under their own run folder), by the
+    top-level folder they sit in ('' for top-level files). Usually empty."""
+    out: dict[str, set[str]] = {}
+    for run_id, name, path in store.iter_foreign_paths():
+        if is_object_key(path, run_id, name):
+            continue
+        try:
+            relpath = resolve_stored_path(path)
+        except UnsafePath:
+            continue
+        out.setdefault(run_folder_of(relpath) or "", set()).add(relpath)
+    return out
+
+
+def _use_processes(ctx: _Context, batches: list[_Batch], stats: CheckStats) -> bool:
+    opts = ctx.opts
+    if not opts.processes or opts.jobs < 2 or len(batches) < 2:
+        return False
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return False
+    # Threads already hash large files in parallel (hashlib drops the GIL); processes pay
+    # off where Python's per-file work dominates: quick checks and many small files.
+    mean_size = stats.bytes_total / max(stats.rows_total, 1)
+    return not opts.hash or mean_size < _THREADS_FROM_MEAN_SIZE
+
+
+def _run_batches(
+    ctx: _Context, batches: list[_Batch], stats: CheckStats, stop: StopFn
+) -> Iterator[_BatchResult]:
+    if _use_processes(ctx, batches, stats):
+        stats.workers = "processes"
+        global _WORKER_CONTEXT
+        _WORKER_CONTEXT = ctx
+        pool = multiprocessing.get_context("fork").Pool(ctx.opts.jobs, _worker_init)
+        try:
+            for result in pool.imap(_worker_batch, batches):
+                yield result
+                if stop():
+                    stats.interrupted = True
+                    return
+        finally:
+            pool.terminate()
+            pool.join()
+            _WORKER_CONTEXT = None
+        return
+    threads = ThreadPoolExecutor(ctx.opts.jobs) if ctx.opts.hash and ctx.opts.jobs > 1 else None
+    try:
+        for batch in batches:
+            yield _check_batch(ctx.open(), batch, threads, stop, stats)
+            if stop():
+                stats.interrupted = True
+                return
+    finally:
+        if threads is not None:
+            threads.shutdown(wait=True, cancel_futures=True)
+        if ctx.store is not None:
+            ctx.store.close()
+        if ctx.marks is not None:
+            ctx.marks.close()
+
+
+_WORKER_CONTEXT: _Context | None = None
+_THREADS_FROM_MEAN_SIZE = 1 << 20
+# Big enough that a fork and a result pickle cost little next to the batch's work.
+_MIN_BATCH_ROWS = 500
+
+
+def _worker_init() -> None:
+    # A host's handlers (the daemon's SIGTERM flag) must not keep a worker alive when the
+    # pool terminates it; Ctrl-C goes to the parent, which then terminates the pool.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _worker_batch(batch: _Batch) -> _BatchResult:
+    assert _WORKER_CONTEXT is not None
+    _WORKER_CONTEXT.progress = None
+    return _check_batch(_WORKER_CONTEXT.open(), batch, None, lambda: False, CheckStats())
+
+
 # -- rows ---------------------------------------------------------------------------------
 
 
-def _check_rows(store, tree, opts, stats, progress, stop) -> Iterator[Finding]:
-    refs: list[str] = []
+def _check_batch(
+    ctx: _Context,
+    batch: _Batch,
+    pool: ThreadPoolExecutor | None,
+    stop: StopFn,
+    stats: CheckStats,
+) -> _BatchResult:
+    """Check a batch's rows, then list its folders for files none of them names."""
+    opts, tree, store = ctx.opts, ctx.tree, ctx.store
+    assert store is not None
+    res = _BatchResult([], stats, [], [], [])
+    refs: set[str] = set()
+    marks = ctx.marks.for_runs(batch.runs) if ctx.marks is not None and batch.runs else {}
+    rows: Iterable[ArtifactRow] = ()
+    if batch.runs and not opts.rows:
+        rows = _lean_rows(store, batch.runs, refs, stats)
+    elif batch.runs:
+        rows = store.iter_artifacts(batch.runs)
+    if opts.max_duration is not None and marks:
+        # Within the batch too, the least recently verified rows go first.
+        rows = sorted(rows, key=lambda r: marks[r.id].verified_at if r.id in marks else 0.0)
     window: deque[_Pending] = deque()
-    pool = ThreadPoolExecutor(opts.jobs) if opts.hash and opts.jobs > 1 else None
     depth = max(4, opts.jobs * 4)
-    try:
-        for row in store.iter_artifacts(opts.run_ids):
-            if stop():
-                stats.interrupted = True
-                break
-            stats.rows += 1
-            relpath, findings, pending = _inspect_row(row, tree, opts)
-            yield from findings
-            if relpath is not None:
-                refs.append(relpath)
-                if len(refs) >= 5000:
-                    store.add_refs(refs)
-                    refs.clear()
-            if pending is None:
-                continue
-            if pool is None:
-                pending.result = _hash(tree, pending, opts)
+    now = ctx.clock()
+    for row in rows:
+        if stop():
+            stats.interrupted = True
+            break
+        stats.rows += 1
+        relpath, findings, pending = _inspect_row(row, tree, opts)
+        res.findings.extend(findings)
+        if relpath is not None:
+            refs.add(relpath)
+        if pending is None:
+            if findings and row.id in marks:
+                res.bad.append(row.id)
+            continue
+        mark = marks.get(row.id)
+        if ctx.marks is not None:
+            _count_coverage(stats, row, mark)
+        if opts.subset is not None and not opts.subset.contains(row.id):
+            continue
+        if mark is not None and opts.max_age is not None and _still_good(mark, pending, now, opts):
+            stats.files_skipped += 1
+            stats.bytes_skipped += pending.st.st_size
+            continue
+        if ctx.deadline is not None and (stats.budget_exhausted or ctx.clock() >= ctx.deadline):
+            stats.budget_exhausted = True
+            stats.files_deferred += 1
+            stats.bytes_deferred += pending.st.st_size
+            continue
+        if pool is None:  # hashed in order right here: no window to keep
+            pending.result = _hash(tree, pending, opts, ctx.throttle)
+            _settle(ctx, pending, marks, res)
+            continue
+        pending.future = pool.submit(_hash, tree, pending, opts, ctx.throttle)
+        window.append(pending)
+        while window and (len(window) > depth or _ready(window[0])):
+            _settle(ctx, window.popleft(), marks, res)
+    while window:
+        _settle(ctx, window.popleft(), marks, res)
+    if batch.folders:
+        seen, unnamed = scan_unnamed(tree.root, batch.folders, refs)
+        stats.files_seen += seen
+        for item in unnamed:
+            if isinstance(item, ScanProblem):
+                res.findings.append(
+                    Finding("unreadable", item.relpath, f"cannot list folder: {item.error}")
+                )
             else:
-                pending.future = pool.submit(_hash, tree, pending, opts)
-            window.append(pending)
-            while window and (len(window) > depth or _ready(window[0])):
-                yield from _finish(window.popleft(), stats, progress)
-        while window:
-            yield from _finish(window.popleft(), stats, progress)
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-    store.add_refs(refs)
+                res.candidates.append((item.relpath, item.type))
+    return res
+
+
+def _lean_rows(
+    store: Store, runs: tuple[str, ...], refs: set[str], stats: CheckStats
+) -> Iterator[ArtifactRow]:
+    """Orphans only need each row's resolved path: add the plain ones to `refs` directly and
+    yield only rows that may produce a finding (unknown run, object key, unsafe path)."""
+    known = store.known_runs(runs)
+    has_runs = store.has_runs
+    for aid, run_id, name, path in store.iter_row_paths(runs):
+        run_known = run_id in known
+        if run_known and not is_object_key(path, run_id, name):
+            try:
+                refs.add(resolve_stored_path(path))
+                stats.rows += 1
+                continue
+            except UnsafePath:
+                pass
+        yield ArtifactRow(
+            aid,
+            run_id,
+            name,
+            path,
+            None,
+            None,
+            None,
+            run_known if has_runs else None,
+            None,
+        )
+
+
+def _count_coverage(stats: CheckStats, row: ArtifactRow, mark: VerifyMark | None) -> None:
+    """Coverage as it stands before this run's hashing; _settle moves rows it verifies."""
+    if mark is None or mark.sha256 != row.hash:
+        stats.files_never_verified += 1
+        stats.bytes_never_verified += row.size or 0
+    elif stats.oldest_verified is None or mark.verified_at < stats.oldest_verified:
+        stats.oldest_verified = mark.verified_at
+
+
+def _still_good(mark: VerifyMark, pending: _Pending, now: float, opts: CheckOptions) -> bool:
+    """Verified good within max_age, for this recorded hash, and the file looks the same."""
+    st = pending.st
+    return (
+        opts.max_age is not None
+        and now - mark.verified_at <= opts.max_age
+        and mark.sha256 == pending.row.hash
+        and mark.size == st.st_size
+        and mark.mtime_ns == st.st_mtime_ns
+        and mark.ctime_ns == st.st_ctime_ns
+        and mark.inode == st.st_ino
+    )
+
+
+def _settle(ctx: _Context, pending: _Pending, marks: dict[str, VerifyMark], res) -> None:
+    good = _finish(pending, res.stats, res.findings)
+    if ctx.progress is not None:
+        ctx.progress(res.stats)
+    row = pending.row
+    if ctx.marks is None:
+        return
+    old = marks.get(row.id)
+    if good:
+        st = pending.st
+        res.good.append(
+            VerifyMark(
+                row.id,
+                row.run_id,
+                st.st_size,
+                st.st_mtime_ns,
+                st.st_ino,
+                st.st_ctime_ns,
+                row.hash or "",
+                ctx.clock(),
+            )
+        )
+        if old is None or old.sha256 != row.hash:  # it was counted as never verified
+            res.stats.files_never_verified -= 1
+            res.stats.bytes_never_verified -= row.size or 0
+    elif old is not None:
+        res.bad.append(row.id)
 
 
 def _inspect_row(
     row: ArtifactRow, tree: ArtifactTree, opts: CheckOptions
 ) -> tuple[str | None, list[Finding], _Pending | None]:
-    """Cheap checks of one row: path safety, presence, type, size. No file is opened."""
+    """Cheap checks of one row: path safety, presence, type, size. No file is opened.
+
+    Returns a _Pending when the row can be hashed (subset and marks are the caller's call)."""
     out: list[Finding] = []
-
-    def finding(kind: str, detail: str, path: str | None = None, **extra: Any) -> None:
-        out.append(
-            Finding(kind, path if path is not None else row.path, detail, row.id, row.run_id, extra)
-        )
-
+    finding = _RowFindings(row, out)
     if not row.run_id:
         finding("run_missing", "row has no run id")
     elif row.run_known is False:
@@ -235,8 +650,9 @@ def _inspect_row(
     if parents == "unreadable":
         finding("unreadable", "cannot enter a parent folder", relpath)
         return relpath, out, None
+    abspath = tree.abspath(relpath)
     try:
-        st = os.lstat(tree.abspath(relpath))
+        st = os.lstat(abspath)
     except (FileNotFoundError, NotADirectoryError):
         finding("missing", "no file at the recorded path", relpath)
         return relpath, out, None
@@ -250,10 +666,11 @@ def _inspect_row(
         )
         return relpath, out, None
 
-    missing_meta = [name for name, v in (("size", row.size), ("hash", row.hash)) if v is None]
-    if missing_meta:
+    hash_ok = row.hash is not None and _SHA256_HEX.match(row.hash) is not None
+    if row.size is None or row.hash is None:
+        missing_meta = [n for n, v in (("size", row.size), ("hash", row.hash)) if v is None]
         finding("unverifiable", f"row records no {' or '.join(missing_meta)}", relpath)
-    elif not _SHA256_HEX.match(row.hash or ""):
+    elif not hash_ok:
         finding(
             "unverifiable",
             "recorded hash is not a SHA-256 hex digest",
@@ -272,14 +689,24 @@ def _inspect_row(
             mtime=iso_time(st.st_mtime),
         )
         return relpath, out, None
-    if (
-        opts.hash
-        and row.hash is not None
-        and _SHA256_HEX.match(row.hash)
-        and (opts.subset is None or opts.subset.contains(row.id))
-    ):
-        return relpath, out, _Pending(row, relpath, st)
+    if opts.hash and hash_ok:
+        return relpath, out, _Pending(row, relpath, st, abspath)
     return relpath, out, None
+
+
+class _RowFindings:
+    """Appends findings about one row (a class, not a closure: this runs per row)."""
+
+    __slots__ = ("out", "row")
+
+    def __init__(self, row: ArtifactRow, out: list[Finding]) -> None:
+        self.row, self.out = row, out
+
+    def __call__(self, kind: str, detail: str, path: str | None = None, **extra: Any) -> None:
+        row = self.row
+        self.out.append(
+            Finding(kind, path if path is not None else row.path, detail, row.id, row.run_id, extra)
+        )
 
 
 def _ready(pending: _Pending) -> bool:
@@ -288,32 +715,37 @@ def _ready(pending: _Pending) -> bool:
     return pending.future.done()
 
 
-def _hash(tree: ArtifactTree, pending: _Pending, opts: CheckOptions) -> Digest | BaseException:
+def _hash(
+    tree: ArtifactTree,
+    pending: _Pending,
+    opts: CheckOptions,
+    throttle: Callable[[int], None] | None = None,
+) -> Digest | BaseException:
     try:
         return sha256_file(
-            tree.abspath(pending.relpath),
+            pending.abspath,
             expected_size=pending.row.size,
             drop_cache=opts.drop_cache,
             confine=True,
+            throttle=throttle,
         )
     except OSError as exc:
         return exc
 
 
-def _finish(pending: _Pending, stats: CheckStats, progress) -> Iterator[Finding]:
+def _finish(pending: _Pending, stats: CheckStats, out: list[Finding]) -> bool:
+    """Turn a hash result into findings; True when the file matched its row."""
     result = pending.result if pending.future is None else pending.future.result()
     row, relpath = pending.row, pending.relpath
 
-    def finding(kind: str, detail: str, **extra: Any) -> Finding:
-        return Finding(kind, relpath, detail, row.id, row.run_id, extra)
+    def finding(kind: str, detail: str, **extra: Any) -> None:
+        out.append(Finding(kind, relpath, detail, row.id, row.run_id, extra))
 
     if isinstance(result, Digest):
         stats.files_hashed += 1
         stats.bytes_hashed += result.size
-        if progress:
-            progress(stats)
         if row.size is not None and result.size != row.size:
-            yield finding(
+            finding(
                 "size_mismatch",
                 f"recorded {row.size} bytes, read {result.size} (changed during check)",
                 expected_size=row.size,
@@ -321,7 +753,7 @@ def _finish(pending: _Pending, stats: CheckStats, progress) -> Iterator[Finding]
             )
         elif result.sha256 != row.hash:
             late = _modified_after_log(row, pending.st)
-            yield finding(
+            finding(
                 "hash_mismatch",
                 "content differs from the recorded SHA-256" + _late_note(late),
                 expected_sha256=row.hash,
@@ -329,18 +761,21 @@ def _finish(pending: _Pending, stats: CheckStats, progress) -> Iterator[Finding]
                 modified_after_log=late,
                 mtime=iso_time(pending.st.st_mtime),
             )
+        else:
+            return True
     elif isinstance(result, FileNotFoundError):
-        yield finding("missing", "file vanished during the check")
+        finding("missing", "file vanished during the check")
     elif isinstance(result, OutsideTree):
-        yield finding(
+        finding(
             "not_a_file",
             "a parent folder became a symlink during the check; not read",
             file_type="symlink",
         )
     elif isinstance(result, NotRegularFile) or getattr(result, "errno", None) == errno.ELOOP:
-        yield finding("not_a_file", "replaced by a symlink or special file during the check")
+        finding("not_a_file", "replaced by a symlink or special file during the check")
     elif isinstance(result, OSError):
-        yield finding("unreadable", f"read failed: {result.strerror or result}")
+        finding("unreadable", f"read failed: {result.strerror or result}")
+    return False
 
 
 def _modified_after_log(row: ArtifactRow, st: os.stat_result) -> bool:
@@ -373,21 +808,15 @@ def _check_registry(store: Store) -> Iterator[Finding]:
 
 
 def _check_unreferenced(store, tree, opts, stats, clock, stop) -> Iterator[Finding]:
-    batch: list[tuple[str, str]] = []
-    for item in scan_tree(tree.root, opts.run_ids):
-        if isinstance(item, ScanProblem):
-            yield Finding("unreadable", item.relpath, f"cannot list folder: {item.error}")
-            continue
-        stats.files_seen += 1
-        batch.append((item.relpath, item.type))
-        if len(batch) >= 5000:
-            store.add_seen(batch)
-            batch.clear()
-    store.add_seen(batch)
-
+    """Classify the files the batches found unnamed (spooled in the TEMP table `seen`)."""
     now = clock()
     runs: dict[str, tuple[bool, str | None]] = {}
+    foreign: dict[str, set[str]] | None = None
     for relpath, _ in store.iter_unreferenced():
+        if foreign is None:  # a full scan of the rows, so only once there is a candidate
+            foreign = _foreign_refs(store)
+        if relpath in foreign.get(run_folder_of(relpath) or "", ()):
+            continue
         if stop():
             stats.interrupted = True
             return
