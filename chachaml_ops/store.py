@@ -90,6 +90,21 @@ def _as_text(value: object) -> str:
     return str(value)
 
 
+def _row(r: tuple) -> ArtifactRow:
+    """An ArtifactRow from (id, run_id, name, path, size, hash, created_at, run known, status)."""
+    return ArtifactRow(
+        id=_as_text(r[0]),
+        run_id=_as_text(r[1]),
+        name=_as_text(r[2]),
+        path=_as_text(r[3]),
+        size=_as_int(r[4]),
+        hash=r[5].lower() if isinstance(r[5], str) else None,
+        created_at=_as_int(r[6]),
+        run_known=None if r[7] is None else bool(r[7]),
+        run_status=r[8],
+    )
+
+
 def _locked(exc: sqlite3.OperationalError) -> bool:
     msg = str(exc).lower()
     return "locked" in msg or "busy" in msg
@@ -256,17 +271,7 @@ class Store:
             if not batch:
                 return
             for r in batch:
-                yield ArtifactRow(
-                    id=_as_text(r[0]),
-                    run_id=_as_text(r[1]),
-                    name=_as_text(r[2]),
-                    path=_as_text(r[3]),
-                    size=_as_int(r[4]),
-                    hash=r[5].lower() if isinstance(r[5], str) else None,
-                    created_at=_as_int(r[6]),
-                    run_known=None if r[7] is None else bool(r[7]),
-                    run_status=r[8],
-                )
+                yield _row(r)
 
     def run_row_counts(self, run_ids: Iterable[str] = ()) -> list[tuple[str, int]]:
         """(run_id, number of artifact rows) for every run that has rows, by run_id."""
@@ -363,17 +368,7 @@ class Store:
         r = self._guard(lambda: self.conn.execute(sql, args).fetchone())
         if r is None:
             return None
-        return ArtifactRow(
-            id=str(r[0]),
-            run_id=str(r[1]),
-            name=str(r[2]),
-            path=r[3] if isinstance(r[3], str) else str(r[3] or ""),
-            size=r[4] if isinstance(r[4], int) else None,
-            hash=r[5].lower() if isinstance(r[5], str) else None,
-            created_at=r[6] if isinstance(r[6], int) else None,
-            run_known=None,
-            run_status=None,
-        )
+        return _row((*r, None, None))
 
     # -- scratch space for joins ---------------------------------------------------------
 

@@ -778,6 +778,19 @@ def _finish(pending: _Pending, stats: CheckStats, out: list[Finding]) -> bool:
     return False
 
 
+def check_row(
+    row: ArtifactRow, tree: ArtifactTree, opts: CheckOptions | None = None
+) -> list[Finding]:
+    """Every finding for one row, hashing inline: the same checks verify makes, for callers
+    that look at one file at a time (the watcher)."""
+    opts = opts or CheckOptions(jobs=1, processes=False)
+    _, findings, pending = _inspect_row(row, tree, opts)
+    if pending is not None:
+        pending.result = _hash(tree, pending, opts)
+        _finish(pending, CheckStats(), findings)
+    return findings
+
+
 def _modified_after_log(row: ArtifactRow, st: os.stat_result) -> bool:
     return row.created_at is not None and st.st_mtime * 1000 > row.created_at + _MTIME_SLACK_MS
 

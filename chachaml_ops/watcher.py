@@ -10,7 +10,6 @@ import errno
 import logging
 import os
 import queue
-import stat
 import threading
 import time
 from collections.abc import Callable
@@ -32,12 +31,11 @@ from watchdog.observers.polling import PollingObserver
 
 from chachaml_ops.config import StoreConfig, WatchConfig
 from chachaml_ops.errors import OpsError
-from chachaml_ops.hashing import sha256_file
-from chachaml_ops.layout import ArtifactTree, split_run_name
+from chachaml_ops.layout import ArtifactTree, prefixes
 from chachaml_ops.logs import get_logger
 from chachaml_ops.report import Finding
 from chachaml_ops.store import Store
-from chachaml_ops.verify import classify_unreferenced
+from chachaml_ops.verify import check_row, classify_unreferenced
 
 FindingFn = Callable[[str, Finding], None]
 RescanFn = Callable[[str, str], None]
@@ -280,57 +278,25 @@ def check_file(
 ) -> tuple[Finding | None, bool]:
     """Check one file an event pointed at: (finding or None, settled?).
 
-    Not settled means "no row yet and still within the grace period": look again later.
+    A file with a row gets exactly verify's checks (`verify.check_row`). Not settled means
+    "no row yet and still within the grace period": look again later.
     """
-    split = split_run_name(relpath)
-    row = store.artifact_row(*split) if split else None
-    path = tree.abspath(relpath)
-    parents = tree.parent_state(relpath)
+    row = next(
+        (r for run_id, name in prefixes(relpath) if (r := store.artifact_row(run_id, name))),
+        None,
+    )
+    if row is not None:
+        findings = check_row(row, tree)
+        return (findings[0] if findings else None), True
     try:
-        st = os.lstat(path) if parents == "ok" else None
-    except FileNotFoundError:
-        st = None
+        os.lstat(tree.abspath(relpath))
+    except (FileNotFoundError, NotADirectoryError):
+        return None, True  # a file with no row came and went (a temp file?)
     except OSError as exc:
         return Finding("unreadable", relpath, f"cannot stat: {exc.strerror}"), True
-    if row is None:
-        if st is None:
-            return None, True  # a file with no row came and went (a temp file?)
-        if now - first_seen < grace:
-            return None, False
-        finding = classify_unreferenced(store, tree, relpath, now, grace)
-        if finding is not None and finding.kind == "in_flight":
-            return None, False  # modified again lately: still being written
-        return finding, True
-
-    def found(kind: str, detail: str, **extra) -> tuple[Finding, bool]:
-        return Finding(kind, relpath, detail, row.id, row.run_id, extra), True
-
-    if parents == "not_plain":
-        return found("not_a_file", "a parent folder is a symlink or not a folder; not followed")
-    if st is None:
-        return found("missing", "the file was deleted (seen by the watcher)")
-    if not stat.S_ISREG(st.st_mode):
-        return found("not_a_file", "replaced by a symlink or special file; not opened")
-    if row.size is not None and st.st_size != row.size:
-        return found(
-            "size_mismatch",
-            f"recorded {row.size} bytes, file has {st.st_size} (seen by the watcher)",
-            expected_size=row.size,
-            actual_size=st.st_size,
-        )
-    if row.hash is None:
-        return None, True
-    try:
-        digest = sha256_file(path, expected_size=row.size, confine=True)
-    except FileNotFoundError:
-        return found("missing", "the file was deleted (seen by the watcher)")
-    except OSError as exc:
-        return found("unreadable", f"read failed: {exc.strerror or exc}")
-    if digest.sha256 != row.hash:
-        return found(
-            "hash_mismatch",
-            "content differs from the recorded SHA-256 (seen by the watcher)",
-            expected_sha256=row.hash,
-            actual_sha256=digest.sha256,
-        )
-    return None, True
+    if now - first_seen < grace:
+        return None, False
+    finding = classify_unreferenced(store, tree, relpath, now, grace)
+    if finding is not None and finding.kind == "in_flight":
+        return None, False  # modified again lately: still being written
+    return finding, True
