@@ -21,7 +21,7 @@ from typing import Any
 from chachaml_ops import metrics
 from chachaml_ops.alerts import Alerter
 from chachaml_ops.config import Config, StoreConfig
-from chachaml_ops.errors import EXIT_CANNOT_CHECK, OpsError
+from chachaml_ops.errors import EXIT_CANNOT_CHECK, Interrupted, OpsError
 from chachaml_ops.logs import get_logger
 from chachaml_ops.report import Finding, Report, Severity
 from chachaml_ops.state import StateDB, StoreBusy, store_lock
@@ -40,10 +40,6 @@ class BackupUnavailable(OpsError):
 
 class StateUnreadable(OpsError):
     """The state dir cannot be opened (usually: not the service user)."""
-
-
-class Interrupted(Exception):
-    """The daemon is stopping; the job gave up before (or while) working."""
 
 
 @dataclass(frozen=True)
@@ -100,7 +96,7 @@ class JobRunner:
         waited = False
         while True:
             if self.should_stop():
-                raise Interrupted
+                raise Interrupted("the daemon is stopping")
             try:
                 held.enter_context(
                     store_lock(
@@ -134,6 +130,10 @@ class JobRunner:
             else:
                 raise ValueError(f"unknown job {job!r}")
             exit_code = summary["exit_code"]
+        except Interrupted as exc:
+            # SIGTERM mid-job: not a failure to alert on; catch-up at the next start reruns it.
+            exit_code, summary = EXIT_CANNOT_CHECK, {"exit_code": 3, "interrupted": True}
+            log.info("job_interrupted", detail=exc.one_line())
         except OpsError as exc:
             exit_code, summary = (
                 exc.exit_code,
@@ -349,7 +349,12 @@ def run_backup_adapter(
     policy = RetentionPolicy(0, cfg.keep_daily, cfg.keep_weekly, cfg.keep_monthly)
     with Store(store.db) as s:
         report, result, _ = backup_and_prune(
-            s, store.artifact_dir, cfg.dir, BackupOptions(compression=cfg.compression), policy
+            s,
+            store.artifact_dir,
+            cfg.dir,
+            BackupOptions(compression=cfg.compression),
+            policy,
+            should_stop=should_stop,
         )
     summary = {"exit_code": report.exit_code(), "by_kind": report.counts(), **result.stats()}
     return report, summary

@@ -709,3 +709,46 @@ def test_config_error_lists_each_problem_on_its_own_line():
     keys = [p.key for p in info.value.problems]
     assert keys == ["store[0].name", "store[0].db", "bogus"]
     assert str(info.value).count("\n") == 3
+
+
+# -- review fixes -------------------------------------------------------------------------
+
+
+def _plant_huge_artifact(store, size: int = 64 << 30) -> Path:
+    """Turn one artifact into a sparse file of `size` bytes (its row says so too): reading
+    it takes far longer than any stop may wait."""
+    import sqlite3
+
+    aid, run_id, name = store.artifacts[0]
+    path = store.artifact_dir / run_id / name
+    with open(path, "wb") as fh:
+        fh.truncate(size)
+    conn = sqlite3.connect(store.db)
+    with conn:
+        conn.execute("UPDATE artifacts SET size = ? WHERE id = ?", (size, aid))
+    conn.close()
+    return path
+
+
+@pytest.mark.parametrize("job", ["verify", "backup"])
+def test_sigterm_inside_one_huge_file_exits_0_within_seconds(tmp_path, clean_store, job):
+    if job == "backup":
+        pytest.importorskip("chachaml_ops.backup")
+    _plant_huge_artifact(clean_store)
+    backups = tmp_path / "backups"
+    extra = f'[{job}]\nschedule = "{NIGHTLY}"\n'
+    extra += "jobs = 1\n" if job == "verify" else f'dir = "{backups}"\ncompression = "none"\n'
+    config = write_config(tmp_path / "c.toml", clean_store, state=tmp_path / "st", extra=extra)
+    with DaemonProcess(config) as daemon:
+        daemon.event("job_started", job=job, timeout=30)
+        time.sleep(1.0)  # well inside the huge file by now
+        t0 = time.monotonic()
+        assert daemon.stop(timeout=10) == 0
+        assert time.monotonic() - t0 < 5
+        finished = daemon.event("job_finished", job=job, timeout=1)
+        assert finished["exit_code"] == 3 and finished["interrupted"] is True
+    with StateDB(tmp_path / "st") as state:
+        key = load_config(config).stores[0].state_key
+        assert state.last_job(key, job, success=True) is None  # catch-up reruns it
+    if job == "backup":
+        assert list(backups.iterdir()) == []  # the partial archive is gone, nothing else made
