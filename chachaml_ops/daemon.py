@@ -257,6 +257,7 @@ class Daemon:
         self._stop_watchers()
         for job in self.scheduler.get_jobs():
             job.remove()
+        self.runner.close()
         logs.configure(config.log_level)
         self.config = config
         self.runner = JobRunner(config, self.stop_event.is_set)
@@ -278,6 +279,7 @@ class Daemon:
         self._stop_watchers()
         # Running jobs see stop_event at their next file and return; queued ones never start.
         self.scheduler.shutdown(wait=True)
+        self.runner.close()
         self._write_status(stopped=True)
         self.log.info("daemon_stopped")
         return 0

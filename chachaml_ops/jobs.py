@@ -59,7 +59,7 @@ class JobRunner:
         self.config = config
         self.should_stop = should_stop
         self.clock = clock
-        self.alerter = Alerter(config.alerts, config.state_dir)
+        self.alerter = Alerter(config.alerts, config.state_dir, should_stop)
         self.watch_counts: dict[tuple[str, str], int] = {}
         # Jobs and watchers finish on different threads; one writer of the textfile at a time.
         self._metrics_lock = threading.Lock()
@@ -84,7 +84,15 @@ class JobRunner:
                 log.error("job_failed", error=exc.one_line())
                 self._record(store, outcome)
                 return outcome
+            if self.should_stop():
+                # Got the lock as the daemon began stopping: never start, never ping.
+                log.info("job_skipped", reason="daemon stopping")
+                return None
             return self._run_locked(store, job, log)
+
+    def close(self) -> None:
+        """This runner is retired (reload, shutdown): stop its webhook sender."""
+        self.alerter.close()
 
     def _wait_for_lock(self, held: ExitStack, store: StoreConfig, log) -> None:
         """Take the store's lock into `held`, waiting while another job or a CLI run has it.
@@ -243,7 +251,8 @@ class JobRunner:
         with self._metrics_lock:
             self.watch_counts[key] = self.watch_counts.get(key, 0) + 1
         new = self.alerter.new_errors(store, [finding], complete=False)
-        self.alerter.webhook(store, "watch", new)
+        # Queued and batched: a hanging webhook must not hold the watcher (one file per timeout).
+        self.alerter.queue_webhook(store, new)
         self.write_metrics()
 
     def write_metrics(self) -> None:

@@ -752,3 +752,70 @@ def test_sigterm_inside_one_huge_file_exits_0_within_seconds(tmp_path, clean_sto
         assert state.last_job(key, job, success=True) is None  # catch-up reruns it
     if job == "backup":
         assert list(backups.iterdir()) == []  # the partial archive is gone, nothing else made
+
+
+@pytest.fixture
+def trickle_server():
+    """Answers every request with one byte every 0.3 s, forever: per-read timeouts never fire."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000:
+                if stop.is_set():
+                    return
+                conn.sendall(bytes([byte]))
+                time.sleep(0.3)
+
+    def accept() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                conn, _ = listener.accept()
+                threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    stop.set()
+    listener.close()
+
+
+def test_a_trickling_alert_server_costs_a_job_at_most_the_timeout_per_request(
+    tmp_path, clean_store, trickle_server
+):
+    config = _config(
+        tmp_path, clean_store, f'[alerts]\nping_url = "{trickle_server}/ping"\ntimeout = "1s"\n'
+    )
+    t0 = time.monotonic()
+    outcome = JobRunner(config, lambda: False).run("main", "orphans")
+    assert outcome.exit_code == 0
+    assert time.monotonic() - t0 < 6  # two pings of at most 1 s each, plus the job
+
+
+def test_watcher_findings_reach_the_webhook_in_one_batch_without_blocking(
+    tmp_path, clean_store, http_server, trickle_server
+):
+    from chachaml_ops.report import Finding
+
+    url = f"http://127.0.0.1:{http_server.server_port}"
+    config = _config(tmp_path, clean_store, f'[alerts]\nwebhook_url = "{url}/hook"\n')
+    runner = JobRunner(config, lambda: False)
+    runner.alerter.batch_window = 0.5
+    for i in range(5):
+        runner.watch_finding("main", Finding("missing", f"r/f{i}", "gone"))
+    deadline = time.monotonic() + 5
+    while not http_server.requests and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.7)
+    runner.close()
+    assert len(http_server.requests) == 1
+    assert len(json.loads(http_server.requests[0][1])["findings"]) == 5
+    # A hanging webhook: the watcher's calls still return at once.
+    config = _config(tmp_path, clean_store, f'[alerts]\nwebhook_url = "{trickle_server}"\n')
+    runner = JobRunner(config, lambda: False)
+    t0 = time.monotonic()
+    for i in range(20):
+        runner.watch_finding("main", Finding("missing", f"r/g{i}", "gone"))
+    assert time.monotonic() - t0 < 2
+    runner.close()
