@@ -17,12 +17,12 @@ from typing import Any
 
 from chachaml_ops.errors import OpsError, UsageError
 from chachaml_ops.layout import derive_artifact_dir
-from chachaml_ops.state import default_state_dir, store_key
+from chachaml_ops.state import CONFIG_ENV_VAR, SYSTEM_CONFIG, default_state_dir, store_key
 from chachaml_ops.units import parse_duration
 from chachaml_ops.verify import Subset
 
-ENV_VAR = "CHACHAML_OPS_CONFIG"
-SYSTEM_PATH = Path("/etc/chachaml-ops/config.toml")
+ENV_VAR = CONFIG_ENV_VAR
+SYSTEM_PATH = SYSTEM_CONFIG
 TASKS = ("verify", "orphans", "backup")
 COMPRESSIONS = ("zstd", "gzip", "none")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -404,7 +404,8 @@ def parse_config(doc: dict[str, Any], source: Path) -> Config:
         return (base / text) if not os.path.isabs(text) else Path(text)
 
     top = _Reader(doc, "", problems)
-    state_dir = top.get("state_dir", path, None) or default_state_dir()
+    # Without state_dir: $STATE_DIRECTORY, /var/lib/chachaml-ops, XDG (never another config's).
+    state_dir = top.get("state_dir", path, None) or default_state_dir(consult_config=False)
     timezone = top.get("timezone", _timezone, "UTC", "an IANA name such as Europe/Berlin")
     log_level = top.get("log_level", _choice(LOG_LEVELS), "info")
     lock_wait = top.get("lock_wait", _duration, 6 * 3600.0, "how long a job waits for a busy store")

@@ -819,3 +819,31 @@ def test_watcher_findings_reach_the_webhook_in_one_batch_without_blocking(
         runner.watch_finding("main", Finding("missing", f"r/g{i}", "gone"))
     assert time.monotonic() - t0 < 2
     runner.close()
+
+
+def test_cli_state_dir_resolution_order(tmp_path, monkeypatch, clean_store):
+    from chachaml_ops import state
+
+    system_config = tmp_path / "etc" / "config.toml"
+    system_state = tmp_path / "varlib"
+    monkeypatch.setattr(state, "SYSTEM_CONFIG", system_config)
+    monkeypatch.setattr(state, "SYSTEM_STATE_DIR", system_state)
+    env = {"XDG_STATE_HOME": str(tmp_path / "xdg")}
+    assert state.default_state_dir(env) == tmp_path / "xdg" / "chachaml-ops"
+    system_state.mkdir()
+    assert state.default_state_dir(env) == system_state
+    system_config.parent.mkdir()
+    system_config.write_text('state_dir = "from-etc"\n[[store]]\n')
+    assert state.default_state_dir(env) == system_config.parent / "from-etc"
+    env_config = write_config(tmp_path / "c.toml", clean_store, state=tmp_path / "from-env")
+    env[state.CONFIG_ENV_VAR] = str(env_config)
+    assert state.default_state_dir(env) == tmp_path / "from-env"
+    env["STATE_DIRECTORY"] = str(tmp_path / "systemd")
+    assert state.default_state_dir(env) == tmp_path / "systemd"
+    # A CLI job with the daemon's config in the environment records into its state dir.
+    result = run_cli(
+        "orphans", "--db", clean_store.db, env={**os.environ, state.CONFIG_ENV_VAR: str(env_config)}
+    )
+    assert result.code == 0, result.stderr
+    with StateDB(tmp_path / "from-env") as history:
+        assert history.last_job(state.store_key(clean_store.db), "orphans") is not None
