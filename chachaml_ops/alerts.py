@@ -74,7 +74,11 @@ class Alerter:
             known = self._load(store)
             new = [f for f in errors if finding_key(f) not in known]
             current = {finding_key(f) for f in errors}
-            self._save(store, current if complete else known | current)
+            try:
+                self._save(store, current if complete else known | current)
+            except OSError as exc:
+                # Alert anyway (a repeat beats silence); the memory is fixed when it can be.
+                self.log.error("alert_memory_write_failed", store=store, error=str(exc))
         return new
 
     def webhook(self, store: str, job: str, new: list[Finding]) -> bool:
@@ -195,7 +199,7 @@ class Alerter:
     def _load(self, store: str) -> set[str]:
         try:
             return set(json.loads(self._path(store).read_text("utf-8")))
-        except (FileNotFoundError, ValueError):
+        except (OSError, ValueError):
             return set()
 
     def _save(self, store: str, keys: set[str]) -> None:

@@ -469,6 +469,9 @@ def parse_config(doc: dict[str, Any], source: Path) -> Config:
     )
     a.finish()
     top.finish(allowed=("verify", "orphans", "backup", "metrics", "watch", "alerts"))
+    state_problem = state_dir_problem(state_dir)
+    if state_problem:
+        top.problem("state_dir", state_problem, "create it for the service user, or choose another")
     if problems:
         raise ConfigError(str(source), problems)
     return Config(
@@ -530,6 +533,34 @@ def _stores(raw: Any, problems: list[Problem], path: Callable[[Any], Path]) -> l
             names.add(name)
             stores.append(StoreConfig(name, db, artifact_dir or derive_artifact_dir(db)))
     return stores
+
+
+def state_dir_problem(state_dir: Path) -> str:
+    """Why the state dir cannot hold job history and locks ('' when it can), without creating
+    anything: it must be a writable folder, or creatable in the nearest existing parent."""
+    path = Path(state_dir)
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe != path:
+        if not probe.is_dir():
+            return f"cannot be created: {probe} is not a folder"
+        if not os.access(probe, os.W_OK | os.X_OK):
+            return f"cannot be created: {probe} is not writable by this user"
+        return ""
+    if not path.is_dir():
+        return f"{path} is not a folder"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"{path} is not writable by this user"
+    for name in ("state.db", "locks", "alerts"):
+        item = path / name
+        if item.exists() and not os.access(item, os.W_OK):
+            return f"{item} is not writable by this user"
+    if (path / "state.db").is_dir():
+        return f"{path / 'state.db'} is a folder, not the state database"
+    return ""
 
 
 def describe(config: Config) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import threading
 import time
 from datetime import UTC, datetime
@@ -27,7 +28,7 @@ from chachaml_ops.jobs import RESCAN, JobRunner
 from chachaml_ops.logs import get_logger
 from chachaml_ops.notify import Notifier
 from chachaml_ops.report import iso_time
-from chachaml_ops.state import StateDB
+from chachaml_ops.state import StateDB, StateDirUnusable
 
 STATUS_FILE = "daemon.json"
 # A run that could not start on time (the machine slept, all threads busy) still runs if it is
@@ -81,12 +82,27 @@ def is_due(spec: CronSpec, timezone: str, last_start: float | None, now: float) 
     return nxt is not None and nxt.timestamp() <= now
 
 
+def check_state_dir(state_dir: Path) -> None:
+    """Open (and so create) the job history once: a state dir that cannot hold it is a start
+    failure with one line and exit 3 (no restart), not a traceback."""
+    try:
+        with StateDB(state_dir) as state:
+            state.conn.execute("BEGIN IMMEDIATE")  # a write lock: proves it is writable
+            state.conn.execute("ROLLBACK")
+    except (OSError, sqlite3.Error) as exc:
+        raise StateDirUnusable(
+            f"cannot use the state dir {state_dir}: {exc}",
+            "set state_dir in the config to a folder the service user can write",
+        ) from None
+
+
 class Daemon:
     def __init__(self, config_path: Path, *, notifier: Notifier | None = None) -> None:
         self.config_path = Path(config_path)
         self.config = load_config(self.config_path)
         logs.configure(self.config.log_level)
         self.log = get_logger("chachaml_ops.daemon")
+        check_state_dir(self.config.state_dir)
         self.notifier = notifier or Notifier()
         self.stop_event = threading.Event()
         self.wake = threading.Event()

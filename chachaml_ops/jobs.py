@@ -197,8 +197,11 @@ class JobRunner:
     def _next_subset(self, store: StoreConfig, configured: Subset) -> Subset:
         """A fixed slice would hash the same files every night: rotate n through 1..t, so t
         successful runs cover every artifact (the config's n is where the rotation starts)."""
-        with StateDB(self.config.state_dir) as state:
-            last = state.last_job(store.state_key, "verify", success=True)
+        try:
+            with StateDB(self.config.state_dir) as state:
+                last = state.last_job(store.state_key, "verify", success=True)
+        except (OSError, sqlite3.Error):
+            last = None  # history unreadable (logged when the run is recorded)
         try:
             previous = Subset.parse(str(last.summary.get("subset"))) if last else None
         except OpsError:
@@ -219,14 +222,21 @@ class JobRunner:
     # -- after a job ----------------------------------------------------------------------
 
     def _record(self, store: StoreConfig, outcome: JobOutcome) -> None:
-        with StateDB(self.config.state_dir) as state:
-            state.record_job(
-                store.state_key,
-                outcome.job,
-                outcome.started,
-                outcome.finished,
-                outcome.exit_code,
-                outcome.summary,
+        """Add the run to the history; a state DB that cannot be written is logged, and the
+        job's findings, alerts and end ping still go out."""
+        try:
+            with StateDB(self.config.state_dir) as state:
+                state.record_job(
+                    store.state_key,
+                    outcome.job,
+                    outcome.started,
+                    outcome.finished,
+                    outcome.exit_code,
+                    outcome.summary,
+                )
+        except (OSError, sqlite3.Error) as exc:
+            get_logger("chachaml_ops.daemon", store=store.name, job=outcome.job).error(
+                "history_write_failed", state_dir=str(self.config.state_dir), error=str(exc)
             )
 
     def _log_and_alert(self, store: str, job: str, report: Report, log) -> None:
@@ -267,7 +277,7 @@ class JobRunner:
                     for (s, k), n in self.watch_counts.items()
                 ]
                 metrics.write_textfile(path, metrics.render(samples))
-        except OSError as exc:
+        except (OSError, sqlite3.Error) as exc:
             get_logger("chachaml_ops.daemon").error(
                 "metrics_write_failed", path=str(path), error=str(exc)
             )

@@ -847,3 +847,47 @@ def test_cli_state_dir_resolution_order(tmp_path, monkeypatch, clean_store):
     assert result.code == 0, result.stderr
     with StateDB(tmp_path / "from-env") as history:
         assert history.last_job(state.store_key(clean_store.db), "orphans") is not None
+
+
+@contextlib.contextmanager
+def _immutable(path: Path):
+    """chattr +i: even root cannot write it (skips where chattr is not allowed)."""
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i not available here (needs root on ext4/xfs)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_config_check_refuses_a_state_dir_that_cannot_be_created(tmp_path, clean_store):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    config = write_config(tmp_path / "c.toml", clean_store, state=blocker / "state")
+    result = run_cli("config", "check", config)
+    assert result.code == 3
+    assert f"state_dir: cannot be created: {blocker} is not a folder" in result.stderr
+
+
+def test_an_unwritable_state_db_fails_the_start_with_exit_3_and_never_loses_a_job(
+    tmp_path, store_factory, http_server
+):
+    store = store_factory(["bit_rot"])
+    base = f"http://127.0.0.1:{http_server.server_port}"
+    config = _config(
+        tmp_path,
+        store,
+        f'[verify]\nmin_age = "0s"\n[metrics]\ntextfile = "{tmp_path}/m.prom"\n'
+        f'[alerts]\nping_url = "{base}/ping"\nwebhook_url = "{base}/hook"\n',
+    )
+    StateDB(config.state_dir).close()
+    with _immutable(config.state_dir / "state.db"):
+        result = run_cli("daemon", "--config", config.source, timeout=20)
+        assert result.code == 3
+        assert "state_dir: " in result.stderr and "state.db is not writable" in result.stderr
+        assert "Traceback" not in result.stderr
+        # At run time (the file became unwritable later): findings, alert and end ping survive.
+        outcome = JobRunner(config, lambda: False).run("main", "verify")
+    assert outcome.exit_code == 2
+    paths = [p.split("?")[0] for p, _ in http_server.requests]
+    assert paths == ["/ping/start", "/hook", "/ping/2"]
