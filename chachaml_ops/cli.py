@@ -531,9 +531,11 @@ def config_check(file: Path | None):
     Example:
       chachaml-ops config check /etc/chachaml-ops/config.toml
     """
-    from chachaml_ops.config import describe
+    from chachaml_ops.config import describe, require_writable_state_dir
 
-    click.echo("\n".join(describe(_load_config(file))))
+    cfg = _load_config(file)
+    require_writable_state_dir(cfg)
+    click.echo("\n".join(describe(cfg)))
 
 
 @cli.command()

@@ -469,9 +469,6 @@ def parse_config(doc: dict[str, Any], source: Path) -> Config:
     )
     a.finish()
     top.finish(allowed=("verify", "orphans", "backup", "metrics", "watch", "alerts"))
-    state_problem = state_dir_problem(state_dir)
-    if state_problem:
-        top.problem("state_dir", state_problem, "create it for the service user, or choose another")
     if problems:
         raise ConfigError(str(source), problems)
     return Config(
@@ -533,6 +530,17 @@ def _stores(raw: Any, problems: list[Problem], path: Callable[[Any], Path]) -> l
             names.add(name)
             stores.append(StoreConfig(name, db, artifact_dir or derive_artifact_dir(db)))
     return stores
+
+
+def require_writable_state_dir(config: Config) -> None:
+    """For `config check` and the daemon (not `status`, which only reads): ConfigError when
+    the state dir cannot hold the job history and locks."""
+    problem = state_dir_problem(config.state_dir)
+    if problem:
+        raise ConfigError(
+            str(config.source),
+            [Problem("state_dir", problem, "create it for the service user, or choose another")],
+        )
 
 
 def state_dir_problem(state_dir: Path) -> str:

@@ -22,7 +22,14 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 
 from chachaml_ops import logs
-from chachaml_ops.config import TASKS, Config, ConfigError, CronSpec, load_config
+from chachaml_ops.config import (
+    TASKS,
+    Config,
+    ConfigError,
+    CronSpec,
+    load_config,
+    require_writable_state_dir,
+)
 from chachaml_ops.errors import OpsError
 from chachaml_ops.jobs import RESCAN, JobRunner
 from chachaml_ops.logs import get_logger
@@ -102,6 +109,7 @@ class Daemon:
         self.config = load_config(self.config_path)
         logs.configure(self.config.log_level)
         self.log = get_logger("chachaml_ops.daemon")
+        require_writable_state_dir(self.config)
         check_state_dir(self.config.state_dir)
         self.notifier = notifier or Notifier()
         self.stop_event = threading.Event()
@@ -255,6 +263,7 @@ class Daemon:
         self.notifier.reloading()
         try:
             config = load_config(self.config_path)
+            require_writable_state_dir(config)
         except ConfigError as exc:
             self.log.error(
                 "reload_failed",
