@@ -6,6 +6,7 @@ its key path and a hint, and reported together (borgmatic's habit), so one edit 
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -138,6 +139,11 @@ def _cron_field(text: str, spec: CronField) -> tuple[int, ...] | None:
 
 def parse_cron(text: str) -> CronSpec:
     """Parse five crontab fields (names allowed); ValueError says which field is wrong."""
+    if text.strip().startswith("@"):
+        raise ValueError(
+            f"{text.strip()!r}: cron macros (@daily, @hourly, ...) are not supported;"
+            ' write five fields, e.g. "0 0 * * *" for @daily'
+        )
     fields = text.split()
     if len(fields) != 5:
         raise ValueError(
@@ -151,7 +157,22 @@ def parse_cron(text: str) -> CronSpec:
             "restrict the day of month or the day of week, not both"
             " (cron would run when either matches)"
         )
-    return CronSpec(" ".join(fields), *parsed)
+    spec = CronSpec(" ".join(fields), *parsed)
+    if not _fires(spec):
+        raise ValueError(f"{spec.text!r} never fires (no such day in the months given)")
+    return spec
+
+
+_DAYS_IN_MONTH = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)  # February of a leap year
+
+
+def _fires(spec: CronSpec) -> bool:
+    """Whether the line has a fire time within 4 years (a leap year included): only a day of
+    month that no listed month has (`0 0 31 2 *`) can make it never fire."""
+    if spec.day is None:
+        return True
+    months = spec.month or range(1, 13)
+    return any(min(spec.day) <= _DAYS_IN_MONTH[m - 1] for m in months)
 
 
 # -- the config values -------------------------------------------------------------------
@@ -268,12 +289,27 @@ def load_config(path: Path) -> Config:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise UsageError(f"no config file at {path}", "check the path") from None
+    except IsADirectoryError:
+        raise UsageError(
+            f"config {path} is a folder", "give the TOML file, e.g. /etc/chachaml-ops/config.toml"
+        ) from None
     except OSError as exc:
-        raise UsageError(f"cannot read config {path}: {exc.strerror}") from None
+        raise UsageError(
+            f"cannot read config {path}: {exc.strerror}", "check its permissions"
+        ) from None
     try:
         doc = tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(str(path), [Problem("(file)", "not UTF-8 text")]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            str(path),
+            [
+                Problem(
+                    "(file)",
+                    f"not UTF-8 text (byte {exc.start})",
+                    "save the file as UTF-8 (iconv -t UTF-8)",
+                )
+            ],
+        ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), [Problem("(syntax)", str(exc), "fix the TOML")]) from None
     return parse_config(doc, path)
@@ -354,8 +390,18 @@ def _duration(value: Any) -> float:
     if isinstance(value, bool):
         raise TypeError('must be a duration like "90s", "1h", "7d"')
     seconds = float(value) if isinstance(value, (int, float)) else parse_duration(_string(value))
+    if math.isnan(seconds) or math.isinf(seconds):
+        raise ValueError(f"must be a finite duration, not {value!r}")
     if seconds < 0:
         raise ValueError("must not be negative")
+    return seconds
+
+
+def _positive_duration(value: Any) -> float:
+    """A duration where zero makes no sense (a timeout, a polling period, a budget)."""
+    seconds = _duration(value)
+    if seconds == 0:
+        raise ValueError(f"must be more than zero, not {value!r}")
     return seconds
 
 
@@ -407,7 +453,7 @@ def parse_config(doc: dict[str, Any], source: Path) -> Config:
     # Without state_dir: $STATE_DIRECTORY, /var/lib/chachaml-ops, XDG (never another config's).
     state_dir = top.get("state_dir", path, None) or default_state_dir(consult_config=False)
     timezone = top.get("timezone", _timezone, "UTC", "an IANA name such as Europe/Berlin")
-    log_level = top.get("log_level", _choice(LOG_LEVELS), "info")
+    log_level = top.get("log_level", _choice(LOG_LEVELS), "info", 'e.g. "info" (or "debug")')
     lock_wait = top.get("lock_wait", _duration, 6 * 3600.0, "how long a job waits for a busy store")
 
     stores = _stores(doc.get("store"), problems, path)
@@ -417,11 +463,13 @@ def parse_config(doc: dict[str, Any], source: Path) -> Config:
     verify = VerifyConfig(
         schedule=v.get("schedule", _cron, None, 'crontab syntax, e.g. "0 3 * * *"'),
         subset=v.get("subset", _subset, None, 'n/t, e.g. "1/7"'),
-        jobs=v.get("jobs", _int_at_least(1), None),
-        quick=v.get("quick", _bool, False),
-        drop_cache=v.get("drop_cache", _bool, True),
+        jobs=v.get(
+            "jobs", _int_at_least(1), None, "files hashed at once, e.g. 2; omit for the CPU count"
+        ),
+        quick=v.get("quick", _bool, False, "true checks presence and size only"),
+        drop_cache=v.get("drop_cache", _bool, True, "true or false"),
         min_age=v.get("min_age", _duration, 3600.0, 'e.g. "1h"'),
-        max_duration=v.get("max_duration", _duration, None, 'e.g. "2h"'),
+        max_duration=v.get("max_duration", _positive_duration, None, 'e.g. "2h"'),
         max_age=v.get("max_age", _duration, None, 'e.g. "30d"'),
     )
     v.finish()
@@ -435,10 +483,14 @@ def parse_config(doc: dict[str, Any], source: Path) -> Config:
     backup = BackupConfig(
         schedule=b.get("schedule", _cron, None, 'crontab syntax, e.g. "30 3 * * *"'),
         dir=b.get("dir", path, None),
-        compression=b.get("compression", _choice(COMPRESSIONS), "zstd"),
-        keep_daily=b.get("keep_daily", _int_at_least(0), 7),
-        keep_weekly=b.get("keep_weekly", _int_at_least(0), 4),
-        keep_monthly=b.get("keep_monthly", _int_at_least(0), 0),
+        compression=b.get("compression", _choice(COMPRESSIONS), "zstd", 'e.g. "zstd"'),
+        keep_daily=b.get("keep_daily", _int_at_least(0), 7, "archives kept, e.g. 7; 0 keeps none"),
+        keep_weekly=b.get(
+            "keep_weekly", _int_at_least(0), 4, "archives kept, e.g. 4; 0 keeps none"
+        ),
+        keep_monthly=b.get(
+            "keep_monthly", _int_at_least(0), 0, "archives kept, e.g. 12; 0 keeps none"
+        ),
     )
     b.finish()
     if backup.schedule is not None and backup.dir is None:
@@ -454,18 +506,18 @@ def parse_config(doc: dict[str, Any], source: Path) -> Config:
         )
     w = _Reader(doc.get("watch", {}), "watch", problems)
     watch = WatchConfig(
-        enabled=w.get("enabled", _bool, False),
+        enabled=w.get("enabled", _bool, False, "true or false (no quotes)"),
         debounce=w.get("debounce", _duration, 2.0, 'e.g. "2s"'),
         grace=w.get("grace", _duration, 600.0, 'e.g. "10m"'),
-        polling=w.get("polling", _bool, False),
-        poll_interval=w.get("poll_interval", _duration, 10.0, 'e.g. "10s"'),
+        polling=w.get("polling", _bool, False, "true or false (no quotes)"),
+        poll_interval=w.get("poll_interval", _positive_duration, 10.0, 'e.g. "10s"'),
     )
     w.finish()
     a = _Reader(doc.get("alerts", {}), "alerts", problems)
     alerts = AlertsConfig(
         ping_url=a.get("ping_url", _url, None, "a healthchecks-style ping URL"),
         webhook_url=a.get("webhook_url", _url, None, "e.g. a Slack incoming-webhook URL"),
-        timeout=a.get("timeout", _duration, 10.0, 'e.g. "10s"'),
+        timeout=a.get("timeout", _positive_duration, 10.0, 'e.g. "10s"'),
     )
     a.finish()
     top.finish(allowed=("verify", "orphans", "backup", "metrics", "watch", "alerts"))
@@ -498,6 +550,11 @@ def _stores(raw: Any, problems: list[Problem], path: Callable[[Any], Path]) -> l
     if not isinstance(raw, list):
         problems.append(Problem("store", "must be an array of tables", "write [[store]]"))
         return []
+    if not raw:
+        problems.append(
+            Problem("store", "lists no store", 'add one: [[store]] name = "main" db = "..."')
+        )
+        return []
     stores: list[StoreConfig] = []
     names: set[str] = set()
     dbs: dict[str, str] = {}
@@ -524,8 +581,9 @@ def _stores(raw: Any, problems: list[Problem], path: Callable[[Any], Path]) -> l
                 r.problem("db", f"no database file at {db}", "check the path (and permissions)")
             real = os.path.realpath(db)
             if real in dbs:
-                r.problem("db", f"{db} is also store {dbs[real]!r}", "list each store once")
-            dbs[real] = name or f"store[{i}]"
+                r.problem("db", f"{db} is also {dbs[real]}", "list each store once")
+            else:
+                dbs[real] = f"store {name!r}" if name else f"store[{i}]"
         if name and db is not None:
             names.add(name)
             stores.append(StoreConfig(name, db, artifact_dir or derive_artifact_dir(db)))

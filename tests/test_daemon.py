@@ -891,3 +891,51 @@ def test_an_unwritable_state_db_fails_the_start_with_exit_3_and_never_loses_a_jo
     assert outcome.exit_code == 2
     paths = [p.split("?")[0] for p, _ in http_server.requests]
     assert paths == ["/ping/start", "/hook", "/ping/2"]
+
+
+@pytest.mark.parametrize(
+    ("snippet", "key", "text"),
+    [
+        ("store = []", "store", "lists no store"),
+        ("[alerts]\ntimeout = inf", "alerts.timeout", "finite"),
+        ('[alerts]\ntimeout = "0s"', "alerts.timeout", "more than zero"),
+        ("[watch]\ndebounce = nan", "watch.debounce", "finite"),
+        ('[watch]\npoll_interval = "0s"', "watch.poll_interval", "more than zero"),
+        ('[verify]\nschedule = "0 0 31 2 *"', "verify.schedule", "never fires"),
+        ('[verify]\nschedule = "@daily"', "verify.schedule", '"0 0 * * *"'),
+        ('log_level = "loud"', "log_level", "; e.g."),
+        ('[backup]\ncompression = "xz"', "backup.compression", "; e.g."),
+        ("[verify]\njobs = 0", "verify.jobs", "; files hashed"),
+        ('[verify]\nquick = "yes"', "verify.quick", "; true"),
+        ("[backup]\nkeep_daily = -1", "backup.keep_daily", "; archives kept"),
+        ('[watch]\nenabled = "true"', "watch.enabled", "; true or false"),
+    ],
+)
+def test_config_rejects_useless_values_with_a_hint(tmp_path, clean_store, snippet, key, text):
+    import tomllib
+
+    body = f'state_dir = "{tmp_path}/st"\n'
+    if not snippet.startswith("["):  # a top-level key goes before the tables
+        body, snippet = body + snippet + "\n", ""
+    if "store" not in body:
+        body += f'[[store]]\nname = "main"\ndb = "{clean_store.db}"\n'
+    doc = tomllib.loads(body + snippet + "\n")
+    with pytest.raises(ConfigError) as caught:
+        parse_config(doc, tmp_path / "c.toml")
+    problem = next(p for p in caught.value.problems if p.key == key)
+    assert text in str(problem) and problem.hint, str(problem)
+
+
+def test_config_file_problems_and_a_duplicate_db_name_the_right_things(tmp_path, clean_store):
+    assert "is a folder" in run_cli("config", "check", tmp_path).stderr
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes(b"# caf\xe9\n")
+    assert "save the file as UTF-8" in run_cli("config", "check", latin).stderr
+    body = "".join(f'[[store]]\nname = "{n}"\ndb = "{clean_store.db}"\n' for n in ("a", "b", "c"))
+    with pytest.raises(ConfigError) as caught:
+        parse_config(__import__("tomllib").loads(body), tmp_path / "c.toml")
+    texts = [str(p) for p in caught.value.problems]
+    assert texts == [
+        f"store[1].db: {clean_store.db} is also store 'a'; list each store once",
+        f"store[2].db: {clean_store.db} is also store 'a'; list each store once",
+    ]
