@@ -577,8 +577,10 @@ def _stores(raw: Any, problems: list[Problem], path: Callable[[Any], Path]) -> l
         if db is None and "db" not in r.table:
             r.problem("db", "is required", "the path of the chachaml metadata DB")
         elif db is not None:
-            if not db.is_file():
-                r.problem("db", f"no database file at {db}", "check the path (and permissions)")
+            # A missing file is not a config error (the store may appear later: its jobs exit 3
+            # until then); a folder or other non-file there is structurally wrong.
+            if os.path.lexists(db) and not db.is_file():
+                r.problem("db", f"{db} is not a file", "give the path of the chachaml .db file")
             real = os.path.realpath(db)
             if real in dbs:
                 r.problem("db", f"{db} is also {dbs[real]}", "list each store once")
@@ -634,6 +636,10 @@ def describe(config: Config) -> list[str]:
     lines = [f"config {config.source}: OK", f"  state dir: {config.state_dir}"]
     for s in config.stores:
         lines.append(f"  store {s.name}: {s.db} (artifacts {s.artifact_dir})")
+        if not s.db.exists():
+            lines.append(
+                f"    warning: no database file yet; {s.name}'s jobs exit 3 until it appears"
+            )
     for task in TASKS:
         spec = config.schedule(task)
         when = f'cron "{spec}" ({config.timezone})' if spec else "not scheduled"

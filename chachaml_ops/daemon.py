@@ -132,8 +132,19 @@ class Daemon:
 
     # -- setup ------------------------------------------------------------------------------
 
+    def _warn_missing_dbs(self, config: Config) -> None:
+        for store in config.stores:
+            if not store.db.exists():
+                self.log.warning(
+                    "store_db_missing",
+                    store=store.name,
+                    db=str(store.db),
+                    action="its jobs exit 3 until the file appears; other stores run",
+                )
+
     def _schedule_all(self, runner: JobRunner, config: Config) -> list[str]:
         """Add one job per (store, task); return the ids of those due now (catch-up)."""
+        self._warn_missing_dbs(config)
         now = time.time()
         due: list[str] = []
         with StateDB(config.state_dir) as state:

@@ -131,7 +131,7 @@ def test_config_errors_are_all_listed_in_one_run(tmp_path):
             state_dri = "{tmp_path}/state"
             [[store]]
             name = "main"
-            db = "{tmp_path}/no-such.db"
+            db = "{tmp_path}"
             [verify]
             schedule = "0 25 * * *"
             """
@@ -145,7 +145,7 @@ def test_config_errors_are_all_listed_in_one_run(tmp_path):
         ln.strip().startswith("state_dri: unknown key") and "did you mean 'state_dir'" in ln
         for ln in lines
     )
-    assert any(ln.strip().startswith("store[0].db: no database file at") for ln in lines)
+    assert any(ln.strip().startswith(f"store[0].db: {tmp_path} is not a file") for ln in lines)
     assert any(ln.strip().startswith("verify.schedule: hour: 25 is outside 0-23") for ln in lines)
 
 
@@ -154,7 +154,6 @@ def test_daemon_with_a_bad_config_exits_3_before_starting(tmp_path):
     config.write_text('[[store]]\nname = "x"\ndb = "nowhere.db"\n[watch]\nenabled = "yes"\n')
     result = run_cli("daemon", "--config", config, timeout=30)
     assert result.code == 3
-    assert "store[0].db: no database file" in result.stderr
     assert "watch.enabled: must be true or false" in result.stderr
 
 
@@ -939,3 +938,27 @@ def test_config_file_problems_and_a_duplicate_db_name_the_right_things(tmp_path,
         f"store[1].db: {clean_store.db} is also store 'a'; list each store once",
         f"store[2].db: {clean_store.db} is also store 'a'; list each store once",
     ]
+
+
+def test_a_missing_store_db_only_fails_that_stores_jobs(tmp_path, clean_store):
+    config = write_config(
+        tmp_path / "c.toml",
+        clean_store,
+        state=tmp_path / "st",
+        extra=f"""
+        [[store]]
+        name = "later"
+        db = "{tmp_path}/not-yet.db"
+        [orphans]
+        schedule = "{NIGHTLY}"
+        """,
+    )
+    check = run_cli("config", "check", config)
+    assert check.code == 0 and "no database file yet" in check.stdout
+    with DaemonProcess(config) as daemon:
+        assert daemon.event("store_db_missing")["store"] == "later"
+        assert daemon.event("job_finished", store="later", job="orphans")["exit_code"] == 3
+        assert daemon.event("job_finished", store="main", job="orphans")["exit_code"] == 0
+        assert daemon.stop() == 0
+    status = run_cli("status", "--config", config, "--json")
+    assert status.code == 0, status.stderr
