@@ -962,3 +962,38 @@ def test_a_missing_store_db_only_fails_that_stores_jobs(tmp_path, clean_store):
         assert daemon.stop() == 0
     status = run_cli("status", "--config", config, "--json")
     assert status.code == 0, status.stderr
+
+
+def test_watcher_survives_its_root_vanishing_and_waits_for_a_missing_one(tmp_path, clean_store):
+    config = write_config(
+        tmp_path / "c.toml",
+        clean_store,
+        state=tmp_path / "st",
+        extra='[watch]\nenabled = true\ndebounce = "0.2s"\n',
+    )
+    root = clean_store.artifact_dir
+    away = tmp_path / "away"
+    root.rename(away)
+    with DaemonProcess(config) as daemon:
+        assert daemon.event("watch_root_gone")["reason"] == "missing at start"
+        away.rename(root)
+        daemon.event("watch_started", timeout=10)
+        daemon.event("watch_events_lost", reason="the artifact dir is back", timeout=5)
+        shutil.rmtree(root)  # rm -rf, then the operator restores it
+        assert daemon.event("watch_root_gone", reason="removed", timeout=10)
+        root.mkdir()
+        assert len([e for e in daemon.events if e.get("event") == "watch_started"]) == 1
+        daemon.wait_for(
+            lambda e: (
+                e.get("event") == "watch_started"
+                and len([x for x in daemon.events if x.get("event") == "watch_started"]) == 2
+            ),
+            timeout=10,
+        )
+        run_id = next(iter(clean_store.runs.values()))
+        writer = ChachamlWriter(clean_store.db, root)
+        writer.log_artifact(run_id, "after/weights.bin", b"A" * 4096)
+        (root / run_id / "after" / "weights.bin").write_bytes(b"B" * 4096)
+        writer.close()
+        assert daemon.event("finding", kind="hash_mismatch", timeout=10)["store"] == "main"
+        assert daemon.stop() == 0
