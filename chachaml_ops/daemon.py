@@ -296,7 +296,9 @@ class Daemon:
         self.runner.close()
         logs.configure(config.log_level)
         self.config = config
-        self.runner = JobRunner(config, self.stop_event.is_set)
+        self.runner = JobRunner(
+            config, self.stop_event.is_set, watch_counts=self.runner.watch_counts
+        )
         due = self._schedule_all(self.runner, config)
         self._start_watchers(self.runner, config)
         self.runner.write_metrics()

@@ -55,12 +55,19 @@ class JobOutcome:
 class JobRunner:
     """Runs jobs for one loaded config. Thread-safe: each call opens its own connections."""
 
-    def __init__(self, config: Config, should_stop: StopFn, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        config: Config,
+        should_stop: StopFn,
+        clock: Callable[[], float] = time.time,
+        watch_counts: dict[tuple[str, str], int] | None = None,
+    ):
         self.config = config
         self.should_stop = should_stop
         self.clock = clock
         self.alerter = Alerter(config.alerts, config.state_dir, should_stop)
-        self.watch_counts: dict[tuple[str, str], int] = {}
+        # Since the daemon started: handed on to the next runner at a reload, not reset.
+        self.watch_counts: dict[tuple[str, str], int] = {} if watch_counts is None else watch_counts
         # Jobs and watchers finish on different threads; one writer of the textfile at a time.
         self._metrics_lock = threading.Lock()
 
@@ -322,18 +329,22 @@ def collect_samples(state: StateDB, stores: Iterable[StoreConfig]) -> list[metri
             out.append(
                 metrics.Sample(f"{job}_duration_seconds", label, last.finished - last.started)
             )
+            out.append(metrics.Sample(f"{job}_last_exit_code", label, last.exit_code or 0))
             ok = state.last_job(store.state_key, job, success=True)
             if ok is not None and ok.finished is not None:
                 out.append(
                     metrics.Sample(f"{job}_last_success_timestamp_seconds", label, ok.finished)
                 )
-            s = last.summary
+            # Result gauges come from the last COMPLETE run (exit < 3): an interrupted or
+            # failed run must neither overwrite them with partial counts nor remove them.
+            s = ok.summary if ok is not None else {}
             if job == "verify" and "rows" in s:
                 out.append(metrics.Sample("artifacts", label, s["rows"]))
-            if job in ("verify", "orphans") and "by_kind" in s:
+            if job in ("verify", "orphans"):
+                by_kind = dict(s.get("by_kind") or {})
                 for kind in ("missing", "size_mismatch", "hash_mismatch", "orphan_file"):
-                    s["by_kind"].setdefault(kind, 0)  # a zero series, so alerts can see it fall
-                for kind, n in s["by_kind"].items():
+                    by_kind.setdefault(kind, 0)  # a zero series, so alerts can see it fall
+                for kind, n in by_kind.items():
                     out.append(metrics.Sample("findings", {**jl, "kind": kind}, n))
                 orphan_bytes = s.get("orphan_bytes", s.get("reclaimable_bytes"))
                 if orphan_bytes is not None:

@@ -997,3 +997,35 @@ def test_watcher_survives_its_root_vanishing_and_waits_for_a_missing_one(tmp_pat
         writer.close()
         assert daemon.event("finding", kind="hash_mismatch", timeout=10)["store"] == "main"
         assert daemon.stop() == 0
+
+
+def test_an_interrupted_run_keeps_the_last_complete_runs_gauges(tmp_path, store_factory):
+    store = store_factory(["bit_rot"])
+    prom = tmp_path / "m.prom"
+    config = _config(tmp_path, store, f'[verify]\njobs = 1\n[metrics]\ntextfile = "{prom}"\n')
+    assert JobRunner(config, lambda: False).run("main", "verify").exit_code == 2
+    complete = prom.read_text()
+    calls = iter(range(10_000))
+    interrupted = JobRunner(config, lambda: next(calls) > 3).run("main", "verify")
+    assert interrupted.summary["interrupted"] is True
+    after = prom.read_text()
+
+    def line(text: str, head: str) -> str:
+        return next(ln for ln in text.splitlines() if ln.startswith(head))
+
+    for head in (
+        'chachaml_ops_findings{job="verify",kind="hash_mismatch",store="main"}',
+        'chachaml_ops_findings{job="verify",kind="missing",store="main"}',
+        'chachaml_ops_artifacts{store="main"}',
+        'chachaml_ops_verify_last_success_timestamp_seconds{store="main"}',
+    ):
+        assert line(after, head) == line(complete, head)
+    assert line(complete, 'chachaml_ops_verify_last_exit_code{store="main"}').endswith(" 2")
+    assert line(after, 'chachaml_ops_verify_last_exit_code{store="main"}').endswith(" 3")
+    # Watch counts are handed to the next runner at a reload, not reset.
+    from chachaml_ops.report import Finding
+
+    first = JobRunner(config, lambda: False)
+    first.watch_finding("main", Finding("missing", "r/x", "gone"))
+    JobRunner(config, lambda: False, watch_counts=first.watch_counts).write_metrics()
+    assert 'chachaml_ops_watch_findings{kind="missing",store="main"} 1' in prom.read_text()
