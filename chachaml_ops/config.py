@@ -284,7 +284,7 @@ def find_config(explicit: Path | None, environ: Mapping[str, str] = os.environ) 
 
 def load_config(path: Path) -> Config:
     """Read and validate; raises ConfigError listing every problem at once."""
-    path = Path(path)
+    path = Path(path).absolute()  # status and daemon.json show where it really came from
     try:
         raw = path.read_bytes()
     except FileNotFoundError:

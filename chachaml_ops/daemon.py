@@ -7,6 +7,7 @@ come from watcher.StoreWatcher; this module decides when things run and how the 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -89,6 +90,14 @@ def is_due(spec: CronSpec, timezone: str, last_start: float | None, now: float) 
     return nxt is not None and nxt.timestamp() <= now
 
 
+def _configure_logging(level: str) -> None:
+    logs.configure(level)
+    # APScheduler logs every job's start and end at INFO; our job_started/job_finished say it.
+    logging.getLogger("apscheduler").setLevel(
+        logging.DEBUG if level == "debug" else logging.WARNING
+    )
+
+
 def check_state_dir(state_dir: Path) -> None:
     """Open (and so create) the job history once: a state dir that cannot hold it is a start
     failure with one line and exit 3 (no restart), not a traceback."""
@@ -105,9 +114,9 @@ def check_state_dir(state_dir: Path) -> None:
 
 class Daemon:
     def __init__(self, config_path: Path, *, notifier: Notifier | None = None) -> None:
-        self.config_path = Path(config_path)
+        self.config_path = Path(config_path).absolute()
         self.config = load_config(self.config_path)
-        logs.configure(self.config.log_level)
+        _configure_logging(self.config.log_level)
         self.log = get_logger("chachaml_ops.daemon")
         require_writable_state_dir(self.config)
         check_state_dir(self.config.state_dir)
@@ -294,7 +303,7 @@ class Daemon:
         for job in self.scheduler.get_jobs():
             job.remove()
         self.runner.close()
-        logs.configure(config.log_level)
+        _configure_logging(config.log_level)
         self.config = config
         self.runner = JobRunner(
             config, self.stop_event.is_set, watch_counts=self.runner.watch_counts

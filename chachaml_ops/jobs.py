@@ -414,8 +414,12 @@ def status_report(
     config: Config,
     daemon_doc: dict[str, Any] | None,
     by_schedule: dict[tuple[str, str], float | None],
+    due_at_start: Callable[[str, float | None], bool] | None = None,
 ) -> dict[str, Any]:
-    """Per store and task: the last run, the last success, and the next run."""
+    """Per store and task: the last run, the last success, and the next run.
+
+    `due_at_start(task, last_success_start)`: whether a daemon started now would run the job
+    at once (catch-up); shown instead of the schedule's next time when no daemon runs."""
     from_daemon = {
         (j["store"], j["job"]): j.get("next_run") for j in (daemon_doc or {}).get("jobs", [])
     }
@@ -438,11 +442,18 @@ def status_report(
                     nxt = from_daemon.get((store.name, task))
                 else:
                     nxt = by_schedule.get((store.name, task))
+                catch_up = bool(
+                    scheduled
+                    and daemon_doc is None
+                    and due_at_start is not None
+                    and due_at_start(task, ok.started if ok else None)
+                )
                 tasks[task] = {
                     "schedule": str(config.schedule(task)) if scheduled else None,
                     "last_run": _run_json(last),
                     "last_success": ok.finished if ok else None,
                     "next_run": nxt if scheduled else None,
+                    "catch_up_at_start": catch_up,
                 }
             stores.append({"name": store.name, "db": str(store.db), "jobs": tasks})
     return {

@@ -100,7 +100,7 @@ def store_lock(
     except OSError as exc:
         raise StateDirUnusable(
             f"cannot use the state dir {state_dir}: {exc.strerror}",
-            "pass --state-dir DIR (or set STATE_DIRECTORY) to a writable folder",
+            "use a writable state dir (--state-dir, STATE_DIRECTORY, or state_dir in the config)",
         ) from None
     try:
         deadline = None if wait is None else time.monotonic() + wait
@@ -116,7 +116,8 @@ def store_lock(
                     raise StoreBusy(
                         f"another chachaml-ops job is working on {db}"
                         + (f" ({other})" if other else ""),
-                        "wait for it to finish, or pass --wait SECONDS",
+                        "wait for it to finish, or allow a longer wait"
+                        " (--wait, or lock_wait in the config)",
                     ) from None
                 time.sleep(0.1)
         os.ftruncate(fd, 0)

@@ -255,7 +255,8 @@ def check_store(
         what = "is not a folder" if os.path.lexists(artifact_dir) else "does not exist"
         raise ArtifactDirMissing(
             f"artifact dir {artifact_dir} {what}",
-            "pass --artifact-dir DIR (chachaml derives it from the DB name)",
+            "set the artifact dir (--artifact-dir, or artifact_dir in the config);"
+            " chachaml derives it from the DB name",
         )
     tree = ArtifactTree(Path(artifact_dir))
     store.reset_scratch()

@@ -270,6 +270,7 @@ class StoreWatcher:
 
     def _work(self) -> None:
         store: Store | None = None
+        failing = False  # in a failure episode (e.g. the DB locked): logged once
         tree = ArtifactTree(self.store.artifact_dir)
         try:
             while not self.stopping.is_set():
@@ -283,11 +284,16 @@ class StoreWatcher:
                     tree.forget()
                     for relpath in due:
                         self._check(store, tree, relpath)
+                    if failing:
+                        self.log.info("watch_check_recovered")
+                        failing = False
                 except Exception as exc:
                     # The DB is locked or gone for a moment (or a bug): keep the hints, retry
                     # soon, and keep watching; the scheduled full scan stays the safety net.
                     if isinstance(exc, OpsError):
-                        self.log.warning("watch_check_failed", error=exc.one_line())
+                        if not failing:  # once per episode, not once per retry
+                            self.log.warning("watch_check_failed", error=exc.one_line())
+                        failing = True
                     else:
                         self.log.exception("watch_check_crashed")
                     for relpath in due:

@@ -371,6 +371,10 @@ def test_notifier_reaches_an_abstract_socket_and_is_a_no_op_without_one():
         sock.settimeout(2)
         assert Notifier({"NOTIFY_SOCKET": "@" + name}).ready("up")
         assert sock.recv(4096) == b"READY=1\nSTATUS=up"
+        before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        assert Notifier({"NOTIFY_SOCKET": "@" + name}).reloading()
+        head, usec = sock.recv(4096).decode().split("\nMONOTONIC_USEC=")
+        assert head == "RELOADING=1" and 0 <= int(usec) - before < 2_000_000
     assert not Notifier({}).ready()
     assert Notifier({"WATCHDOG_USEC": "4000000"}).watchdog_interval == 2.0
 
@@ -960,8 +964,24 @@ def test_a_missing_store_db_only_fails_that_stores_jobs(tmp_path, clean_store):
         assert daemon.event("job_finished", store="later", job="orphans")["exit_code"] == 3
         assert daemon.event("job_finished", store="main", job="orphans")["exit_code"] == 0
         assert daemon.stop() == 0
+    assert not any("Running job" in line for line in daemon.raw)  # APScheduler kept quiet
     status = run_cli("status", "--config", config, "--json")
     assert status.code == 0, status.stderr
+
+
+def test_status_with_empty_state_says_jobs_run_at_daemon_start(tmp_path, clean_store):
+    config = write_config(
+        tmp_path / "c.toml",
+        clean_store,
+        state=tmp_path / "st",
+        extra=f'[verify]\nschedule = "{NIGHTLY}"\n',
+    )
+    text = run_cli("status", "--config", "c.toml", cwd=tmp_path)
+    assert text.code == 0, text.stderr
+    assert "verify   last: never ran; next: when the daemon starts (catch-up)" in text.stdout
+    doc = run_cli("status", "--config", "c.toml", "--json", cwd=tmp_path).json()
+    assert doc["config"] == str(config)  # absolute, though given relative
+    assert doc["stores"][0]["jobs"]["verify"]["catch_up_at_start"] is True
 
 
 def test_watcher_survives_its_root_vanishing_and_waits_for_a_missing_one(tmp_path, clean_store):
