@@ -6,6 +6,7 @@ come from watcher.StoreWatcher; this module decides when things run and how the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -156,7 +157,15 @@ class Daemon:
         self._warn_missing_dbs(config)
         now = time.time()
         due: list[str] = []
-        with StateDB(config.state_dir) as state:
+        try:
+            state = StateDB(config.state_dir)
+        except (OSError, sqlite3.Error) as exc:
+            # History unreadable (at a reload): schedule by cron alone, no catch-up.
+            self.log.error("history_read_failed", error=str(exc), action="no catch-up")
+            state = None
+        with contextlib.ExitStack() as held:
+            if state is not None:
+                held.callback(state.close)
             for task in TASKS:
                 spec = config.schedule(task)
                 if spec is None:
@@ -164,8 +173,10 @@ class Daemon:
                 trigger = cron_trigger(spec, config.timezone)
                 for store in config.stores:
                     job_id = f"{store.name}:{task}"
-                    last = state.last_job(store.state_key, task, success=True)
-                    catch_up = is_due(spec, config.timezone, last and last.started, now)
+                    last = state.last_job(store.state_key, task, success=True) if state else None
+                    catch_up = state is not None and is_due(
+                        spec, config.timezone, last and last.started, now
+                    )
                     kwargs: dict[str, Any] = {}
                     if catch_up:
                         kwargs["next_run_time"] = datetime.now(UTC)

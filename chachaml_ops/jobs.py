@@ -129,9 +129,13 @@ class JobRunner:
                 log.info("store_free")
             return
 
-    def _run_locked(self, store: StoreConfig, job: str, log) -> JobOutcome:
+    def _run_locked(self, store: StoreConfig, job: str, log) -> JobOutcome | None:
         run_id = str(uuid.uuid4())
         self.alerter.ping("start", run_id)
+        if self.should_stop():
+            # Stopped while the start ping was out: the job never ran, so no end ping either.
+            log.info("job_skipped", reason="daemon stopping")
+            return None
         log.info("job_started")
         started = self.clock()
         report: Report | None = None

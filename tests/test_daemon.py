@@ -1049,3 +1049,21 @@ def test_an_interrupted_run_keeps_the_last_complete_runs_gauges(tmp_path, store_
     first.watch_finding("main", Finding("missing", "r/x", "gone"))
     JobRunner(config, lambda: False, watch_counts=first.watch_counts).write_metrics()
     assert 'chachaml_ops_watch_findings{kind="missing",store="main"} 1' in prom.read_text()
+
+
+def test_sigterm_while_a_ping_trickles_exits_0_at_once(tmp_path, clean_store, trickle_server):
+    config = write_config(
+        tmp_path / "c.toml",
+        clean_store,
+        state=tmp_path / "st",
+        extra=f'[orphans]\nschedule = "{NIGHTLY}"\n'
+        f'[alerts]\nping_url = "{trickle_server}/p"\ntimeout = "60s"\n',
+    )
+    with DaemonProcess(config) as daemon:
+        daemon.event("daemon_started")
+        time.sleep(1.0)  # the start ping is trickling in now
+        t0 = time.monotonic()
+        assert daemon.stop(timeout=10) == 0
+        assert time.monotonic() - t0 < 5
+    assert daemon.event("job_skipped", timeout=1)["reason"] == "daemon stopping"
+    assert not any(e.get("event") == "job_finished" for e in daemon.events)
