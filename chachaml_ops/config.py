@@ -18,7 +18,13 @@ from typing import Any
 
 from chachaml_ops.errors import OpsError, UsageError
 from chachaml_ops.layout import derive_artifact_dir
-from chachaml_ops.state import CONFIG_ENV_VAR, SYSTEM_CONFIG, default_state_dir, store_key
+from chachaml_ops.state import (
+    CONFIG_ENV_VAR,
+    SYSTEM_CONFIG,
+    StateDirUnusable,
+    default_state_dir,
+    store_key,
+)
 from chachaml_ops.units import parse_duration
 from chachaml_ops.verify import Subset
 
@@ -593,13 +599,13 @@ def _stores(raw: Any, problems: list[Problem], path: Callable[[Any], Path]) -> l
 
 
 def require_writable_state_dir(config: Config) -> None:
-    """For `config check` and the daemon (not `status`, which only reads): ConfigError when
-    the state dir cannot hold the job history and locks."""
+    """For `config check` and the daemon (not `status`, which only reads): StateDirUnusable
+    (one line, exit 3) when the state dir cannot hold the job history and locks."""
     problem = state_dir_problem(config.state_dir)
     if problem:
-        raise ConfigError(
-            str(config.source),
-            [Problem("state_dir", problem, "create it for the service user, or choose another")],
+        raise StateDirUnusable(
+            f"{config.source}: state_dir: {problem}",
+            "create it for the service user, or set state_dir to another folder",
         )
 
 

@@ -887,8 +887,9 @@ def test_an_unwritable_state_db_fails_the_start_with_exit_3_and_never_loses_a_jo
     with _immutable(config.state_dir / "state.db"):
         result = run_cli("daemon", "--config", config.source, timeout=20)
         assert result.code == 3
-        assert "state_dir: " in result.stderr and "state.db is not writable" in result.stderr
-        assert "Traceback" not in result.stderr
+        assert result.stderr.startswith(f"Error: {config.source}: state_dir: ")
+        assert "state.db is not writable" in result.stderr
+        assert len(result.stderr.splitlines()) == 1  # one line, no traceback
         # At run time (the file became unwritable later): findings, alert and end ping survive.
         outcome = JobRunner(config, lambda: False).run("main", "verify")
     assert outcome.exit_code == 2
