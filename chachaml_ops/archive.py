@@ -498,8 +498,9 @@ def _local_error(exc: OSError, where: object) -> LocalWriteFailed:
         errno.EROFS: "read-only file system",
     }.get(exc.errno or 0, exc.strerror or str(exc))
     return LocalWriteFailed(
-        f"cannot write {where}: {reason}; nothing was restored or kept",
-        "free space or choose another folder (the archive itself was not judged)",
+        f"cannot write {where} on this machine: {reason}; nothing was restored or kept",
+        "free space (TMPDIR for verify-backup, the target for restore); the archive itself "
+        "was not judged",
     )
 
 

@@ -769,7 +769,7 @@ def verify_backup_cmd(archive, as_json):
 
     \b
     Example:
-      chachaml-ops verify-backup /backups/chachaml-20261203T020000Z-1a2b3c4d.tar.zst
+      chachaml-ops verify-backup /backups/chachaml-ml-0a1b2c3d-20261203T020000Z-1a2b.tar.zst
     """
     from chachaml_ops.restore import verify_backup
 
@@ -792,7 +792,7 @@ def verify_backup_cmd(archive, as_json):
     "--force",
     is_flag=True,
     help="Restore into a non-empty folder; its chachaml.db and chachaml-artifacts are moved "
-    "aside into .chachaml-ops-replaced-*/, never deleted.",
+    "aside into a new .chachaml-ops-replaced-*/, never deleted.",
 )
 @click.option(
     "--include-orphans", is_flag=True, help="Also put archived orphans back in the artifact dir."
