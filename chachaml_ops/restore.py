@@ -25,6 +25,7 @@ from chachaml_ops.archive import (
     ORPHAN_PREFIX,
     ArchiveScan,
     Judgement,
+    LocalWriteFailed,
     NotOurArchive,
     SinkFactory,
     judge,
@@ -74,10 +75,21 @@ def _archive_report(command: str, scan: ArchiveScan, judgement: Judgement) -> Re
     return report
 
 
+def _spool_dir() -> tempfile.TemporaryDirectory:
+    """A private temp folder for the DB spool; removed on exit, SIGTERM included (cli)."""
+    try:
+        return tempfile.TemporaryDirectory(prefix="chachaml-ops-verify-")
+    except OSError as exc:
+        raise LocalWriteFailed(
+            f"cannot create a temp folder in {tempfile.gettempdir()}: {exc.strerror}",
+            "set TMPDIR to a writable folder with room for the DB",
+        ) from None
+
+
 def verify_backup(archive: Path) -> Report:
     """Read the archive once and report every problem (NotOurArchive when it is not ours)."""
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="chachaml-ops-verify-") as spool:
+    with _spool_dir() as spool:
         scan = scan_archive(Path(archive), Path(spool))
         judgement = judge(scan)
     report = _archive_report("verify-backup", scan, judgement)
@@ -87,7 +99,7 @@ def verify_backup(archive: Path) -> Report:
 
 def archive_is_intact(archive: Path) -> bool:
     """No damage (problems the source store already had at backup time do not count)."""
-    with tempfile.TemporaryDirectory(prefix="chachaml-ops-verify-") as spool:
+    with _spool_dir() as spool:
         try:
             return not judge(scan_archive(Path(archive), Path(spool))).damaged
         except NotOurArchive:

@@ -483,3 +483,15 @@ def test_a_missing_artifact_dir_still_backs_up_the_db(clean_store, tmp_path):
     assert {f["kind"] for f in doc["findings"]} == {"missing"}
     assert len(doc["findings"]) == len(clean_store.artifacts)
     assert re.search(r"chachaml-\w+-[0-9a-f]{8}-\d{8}T", Path(doc["archive"]).name)
+
+
+def test_a_full_temp_dir_during_verify_backup_is_exit_3_not_damaged(archive, tmp_path):
+    tiny = tmp_path / "tiny"
+    _mount_tmpfs(tiny, "size=16k")
+    try:
+        res = run_cli("verify-backup", archive, env={**os.environ, "TMPDIR": str(tiny)})
+        assert res.code == 3, res.stdout + res.stderr
+        assert res.stderr.startswith("Error:") and "no space left on the device" in res.stderr
+        assert list(tiny.iterdir()) == []
+    finally:
+        _umount(tiny)
