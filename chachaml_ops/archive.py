@@ -54,8 +54,9 @@ ARCHIVE_RE = re.compile(rf"^chachaml-{_STORE_PART}-{_TIME_PART}\.tar(?:\.gz|\.zs
 LEGACY_ARCHIVE_RE = re.compile(r"^chachaml-\d{8}T\d{6}Z-[0-9a-f]{8}\.tar(?:\.gz|\.zst)?$")
 # In-progress files: the archive being written, the DB snapshot beside it, and the sidecars
 # SQLite may leave beside that snapshot when the process is killed mid-copy.
+# The first release's partials (no store id) are still ours to clean up.
 PARTIAL_RE = re.compile(
-    rf"^chachaml-{_STORE_PART}-{_TIME_PART}"
+    rf"^chachaml-(?:{_STORE_PART}-)?{_TIME_PART}"
     r"\.(?:tar(?:\.gz|\.zst)?|db)\.partial(?:-wal|-shm|-journal)?$"
 )
 # Caps on what is held in memory: a manifest lists ~200 bytes per member, so 64 MiB covers
@@ -76,7 +77,9 @@ class LocalWriteFailed(OpsError):
 
 def store_id(db: Path) -> str:
     """`<stem>-<key8>`: the DB file's stem (made name-safe) and 8 hex of its store key."""
-    stem = re.sub(r"[^A-Za-z0-9_]", "_", Path(db).name.split(".")[0])[:32] or "db"
+    # Both parts from the resolved path: a symlinked --db names the same store the same way.
+    real = os.path.realpath(os.fspath(db))
+    stem = re.sub(r"[^A-Za-z0-9_]", "_", os.path.basename(real).split(".")[0])[:32] or "db"
     return f"{stem}-{store_key(db)[:8]}"
 
 

@@ -207,6 +207,9 @@ def test_retention_only_touches_the_current_store(store_factory, tmp_path):
     backup(a)
     last = backup(a, "--keep-last", "1")
     assert Path(b_doc["archive"]).exists()
+    link = tmp_path / "link.db"
+    link.symlink_to(a.db)
+    assert store_id(link) == store_id(a.db)  # one store, one id, however it is reached
     assert store_id(a.db) in Path(last["archive"]).name
     (deleted,) = last["pruned"]
     assert deleted["action"] == "deleted" and deleted["reason"] == "not kept by the policy"
@@ -380,6 +383,7 @@ def test_snapshot_sidecars_of_a_killed_backup_are_cleaned(clean_store, tmp_path)
     out.mkdir()
     base = f"chachaml-{store_id(clean_store.db)}-20261203T000000Z-0123abcd.db.partial"
     left = [base + s for s in ("", "-wal", "-shm", "-journal")]
+    left.append("chachaml-20261203T000000Z-4567abcd.tar.zst.partial")  # first release's naming
     for name in left:
         (out / name).write_bytes(b"x")
     res = run_cli(
