@@ -499,3 +499,44 @@ def test_a_full_temp_dir_during_verify_backup_is_exit_3_not_damaged(archive, tmp
         assert list(tiny.iterdir()) == []
     finally:
         _umount(tiny)
+
+
+def _slow_archive(archive: Path, path: Path) -> Path:
+    """Our DB first, then 256 MiB of zeros: long enough to signal a reader mid-way."""
+    db_info, db_data = _read(archive)[0]
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(db_info, io.BytesIO(db_data))
+        info = tarfile.TarInfo("chachaml-artifacts/run/big")
+        info.size = 256 << 20
+        tar.addfile(info, _Zeros(info.size))
+    return path
+
+
+def _start_restore(archive: Path, target: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chachaml_ops", "restore", str(archive), "--to", str(target)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while not list(target.glob(".chachaml-ops-restore-*")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert list(target.glob(".chachaml-ops-restore-*")), "restore never made its staging folder"
+    return proc
+
+
+def test_signals_during_restore_leave_nothing_behind(archive, tmp_path):
+    slow = _slow_archive(archive, tmp_path / "slow.tar")
+    target = tmp_path / "new" / "t"
+    proc = _start_restore(slow, target)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 143, err
+    assert not (tmp_path / "new").exists()  # staging and the folders it made are gone
+    target.mkdir(parents=True)
+    proc = _start_restore(slow, target)
+    proc.kill()  # kill -9: no cleanup can run
+    proc.wait()
+    (stale,) = target.glob(".chachaml-ops-restore-*")
+    res = run_cli("restore", archive, "--to", target)
+    assert res.code == 0, res.stdout + res.stderr
+    assert not stale.exists() and (target / "chachaml.db").is_file()
