@@ -133,7 +133,7 @@ def parse_sums(data: bytes) -> tuple[dict[str, str], list[str]]:
         body = line[1:] if escaped else line
         m = re.fullmatch(rb"([0-9a-f]{64}) [ *](.+)", body, re.DOTALL)
         if not m:
-            bad.append(line.decode("utf-8", "backslashreplace"))
+            bad.append(line[:200].decode("utf-8", "backslashreplace"))
             continue
         name = m.group(2)
         if escaped:
@@ -734,9 +734,16 @@ def _load_sums(scan: ArchiveScan, findings: list[Finding]) -> dict[str, str] | N
         findings.append(Finding("missing", SUMS, "the archive has no SHA256SUMS"))
         return None
     sums, bad = parse_sums(scan.sums)
-    for line in bad:
+    # A garbage SHA256SUMS is one problem, not millions of findings: show the first few.
+    for line in bad[:_MAX_BAD_LINES]:
         findings.append(Finding("unreadable", SUMS, f"line is not 'SHA256  NAME': {line[:80]}"))
+    if len(bad) > _MAX_BAD_LINES:
+        more = len(bad) - _MAX_BAD_LINES
+        findings.append(Finding("unreadable", SUMS, f"and {more} more lines that do not parse"))
     return sums
+
+
+_MAX_BAD_LINES = 20
 
 
 def _judge_snapshot(

@@ -312,8 +312,12 @@ def restore_archive(archive: Path, target: Path, opts: RestoreOptions) -> Restor
         target, exists = _resolve_target(target)
         made: list[Path] = []
         if exists:
-            remove_stale_staging(target)
-            if _has_content(target) and not opts.force:
+            try:
+                remove_stale_staging(target)
+                has_content = _has_content(target)
+            except OSError as exc:
+                raise RestoreFailed(f"cannot list {target}: {exc.strerror}") from None
+            if has_content and not opts.force:
                 raise UsageError(
                     f"restore target {target} is not empty",
                     "choose an empty folder, or pass --force to replace its chachaml.db and "

@@ -540,3 +540,11 @@ def test_signals_during_restore_leave_nothing_behind(archive, tmp_path):
     res = run_cli("restore", archive, "--to", target)
     assert res.code == 0, res.stdout + res.stderr
     assert not stale.exists() and (target / "chachaml.db").is_file()
+
+
+def test_a_garbage_sha256sums_is_a_few_findings_not_millions(archive, tmp_path):
+    members = _read(archive)
+    bad = _write(tmp_path / "g.tar", [*members[:-1], _reg("SHA256SUMS", b"x\n" * 200_000)])
+    doc = verify_backup(bad).to_json()
+    lines = [f for f in doc["findings"] if f["path"] == "SHA256SUMS"]
+    assert len(lines) == 21 and "199980 more" in lines[-1]["detail"]
