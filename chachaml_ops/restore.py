@@ -29,6 +29,7 @@ from chachaml_ops.archive import (
     NotOurArchive,
     SinkFactory,
     judge,
+    manifest_member_name,
     open_archive,
     scan_archive,
 )
@@ -283,14 +284,14 @@ def remove_stale_staging(target: Path) -> list[str]:
     return removed
 
 
-def _sink_factory(staging: Path, opts: RestoreOptions) -> SinkFactory:
+def _sink_factory(staging: Path, opts: RestoreOptions, listed: frozenset[str]) -> SinkFactory:
     artifacts = staging / RESTORED_ARTIFACTS
 
     def sink_for(name: str, rel: str, info: tarfile.TarInfo) -> _FileSink | None:
         # `rel` was judged by the scanner (restorable_relpath; no file/folder conflicts).
         orphan = name.startswith(ORPHAN_PREFIX)
-        if orphan and not opts.include_orphans:
-            return None
+        if (orphan and not opts.include_orphans) or name not in listed:
+            return None  # a member the manifest does not list is reported, never written
         path = artifacts / rel
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -366,7 +367,9 @@ def _extract(
     if judgement.damaged or first.db_spool is None:
         return report, False
     # Pass 2 extracts, hashing again: the bytes written must be the bytes judged.
-    scan = scan_archive(archive, staging, _sink_factory(staging, opts), fd=fd)
+    manifest = judgement.manifest or {}
+    listed = frozenset(manifest_member_name(m) for m in manifest.get("members", []))
+    scan = scan_archive(archive, staging, _sink_factory(staging, opts, listed), fd=fd)
     again = judge(scan)
     report = _archive_report("restore", scan, again)
     report.stats["target"] = str(target)

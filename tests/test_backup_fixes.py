@@ -548,3 +548,16 @@ def test_a_garbage_sha256sums_is_a_few_findings_not_millions(archive, tmp_path):
     doc = verify_backup(bad).to_json()
     lines = [f for f in doc["findings"] if f["path"] == "SHA256SUMS"]
     assert len(lines) == 21 and "199980 more" in lines[-1]["detail"]
+
+
+def test_members_the_manifest_does_not_list_are_reported_and_never_written(archive, tmp_path):
+    members = _read(archive)
+    extra = [_reg(f"chachaml-artifacts/extra/{i}", b"x") for i in range(3)]
+    bad = _write(tmp_path / "x.tar", [*members[:-2], *extra, *members[-2:]])
+    ver = run_cli("verify-backup", bad, "--json")
+    res = run_cli("restore", bad, "--to", tmp_path / "t", "--json")
+    assert ver.code == res.code == 1, res.stdout + res.stderr
+    assert _kinds(ver.json()) == _kinds(res.json())
+    assert {f["kind"] for f in res.json()["findings"]} == {"unverifiable"}
+    assert not (tmp_path / "t" / "chachaml-artifacts" / "extra").exists()
+    assert (tmp_path / "t" / "chachaml.db").is_file()
