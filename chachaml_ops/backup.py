@@ -35,9 +35,10 @@ from chachaml_ops.archive import (
     artifact_member,
     build_manifest,
     new_archive_name,
+    store_id,
     sums_line,
 )
-from chachaml_ops.errors import ArtifactDirMissing, Interrupted, OpsError, UsageError
+from chachaml_ops.errors import Interrupted, OpsError, UsageError
 from chachaml_ops.hashing import NotRegularFile, StreamingSha256, open_regular
 from chachaml_ops.layout import (
     ArtifactTree,
@@ -112,8 +113,11 @@ def remove_stale_partials(out_dir: Path) -> list[str]:
         entries = list(os.scandir(out_dir))
     except FileNotFoundError:
         return removed
+    sidecars = [e for e in entries if PARTIAL_RE.match(e.name) and e.name.endswith(_SIDECARS)]
     for entry in entries:
         if not PARTIAL_RE.match(entry.name) or not entry.is_file(follow_symlinks=False):
+            continue
+        if entry.name.endswith(_SIDECARS):
             continue
         try:
             fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -131,7 +135,20 @@ def remove_stale_partials(out_dir: Path) -> list[str]:
             continue
         finally:
             os.close(fd)
+    # SQLite's -wal/-shm/-journal beside a snapshot partial: a live backup creates and locks
+    # its snapshot before SQLite can create these, so one whose snapshot is gone is stale.
+    for entry in sidecars:
+        base = entry.name.rsplit("-", 1)[0]
+        if entry.is_file(follow_symlinks=False) and not os.path.lexists(
+            os.path.join(out_dir, base)
+        ):
+            with suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed.append(entry.name)
     return removed
+
+
+_SIDECARS = ("-wal", "-shm", "-journal")
 
 
 def _create_locked(path: Path) -> int:
@@ -337,14 +354,11 @@ def run_backup(
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise BackupFailed(f"cannot create {out_dir}: {exc.strerror}") from None
-    if not os.path.isdir(artifact_dir) and store.totals()[0] > 0:
-        raise ArtifactDirMissing(
-            f"artifact dir {artifact_dir} does not exist",
-            "pass --artifact-dir DIR (chachaml derives it from the DB name)",
-        )
+    # A missing artifact dir does not stop the backup: the DB alone is better than nothing,
+    # and each row that needs local bytes is reported `missing` (S3-only stores need none).
     removed = tuple(remove_stale_partials(out_dir))
     now = clock()
-    name = new_archive_name(now, opts.compression)
+    name = new_archive_name(now, opts.compression, store_id(store.db))
     final = out_dir / name
     partial = out_dir / (name + ".partial")
     snapshot = out_dir / (name.split(".tar")[0] + ".db.partial")
@@ -632,6 +646,7 @@ def backup_and_prune(
             dry_run=False,
             is_intact=archive_is_intact,
             known_intact=frozenset({result.archive.name}),
+            store=store_id(store.db),
         )
         pruned = [a for a in outcome.actions if a["action"] != "kept"]
         report.actions = pruned

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -16,7 +17,13 @@ from pathlib import Path
 import click
 
 from chachaml_ops import __version__, logs
-from chachaml_ops.errors import EXIT_CANNOT_CHECK, EXIT_ERRORS, OpsError, UsageError
+from chachaml_ops.errors import (
+    EXIT_CANNOT_CHECK,
+    EXIT_ERRORS,
+    EXIT_WARNINGS,
+    OpsError,
+    UsageError,
+)
 from chachaml_ops.layout import UnsafePath, check_run_id, derive_artifact_dir
 from chachaml_ops.report import (
     Report,
@@ -644,6 +651,20 @@ def _policy(keep_last: int, keep_daily: int, keep_weekly: int, keep_monthly: int
     return RetentionPolicy(keep_last, keep_daily, keep_weekly, keep_monthly)
 
 
+class Terminated(Exception):
+    """SIGTERM, raised where the process is so that `finally` blocks remove temp files."""
+
+
+def _terminate_cleanly() -> None:
+    """For commands that hold temp files or staging folders: SIGTERM unwinds like an error
+    (cleanup runs, a half-done swap is rolled back), then exits 143."""
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, raise_terminated)
+
+
 def _emit_doc(doc: dict) -> None:
     click.echo(json.dumps(utf8_safe(doc), indent=2, ensure_ascii=False))
 
@@ -752,15 +773,16 @@ def verify_backup_cmd(archive, as_json):
     """Check an archive in one streaming read: every member against MANIFEST.json and
     SHA256SUMS, the DB snapshot with PRAGMA integrity_check, every artifact row's bytes.
 
-    Exit 0 intact, 2 damaged (or the store already had errors when it was backed up),
-    3 not an archive of ours or unreadable.
+    Exit 0 intact, 1 warnings only, 2 damaged (or the store already had errors when it was
+    backed up), 3 not an archive of ours (or not a regular file, unreadable, no space).
 
     \b
     Example:
-      chachaml-ops verify-backup /backups/chachaml-20261203T020000Z-1a2b3c4d.tar.zst
+      chachaml-ops verify-backup /backups/chachaml-ml-0a1b2c3d-20261203T020000Z-1a2b.tar.zst
     """
     from chachaml_ops.restore import verify_backup
 
+    _terminate_cleanly()
     report = verify_backup(archive)
     _emit(report, as_json)
     sys.exit(report.exit_code())
@@ -779,7 +801,7 @@ def verify_backup_cmd(archive, as_json):
     "--force",
     is_flag=True,
     help="Restore into a non-empty folder; its chachaml.db and chachaml-artifacts are moved "
-    "aside into .chachaml-ops-replaced-*/, never deleted.",
+    "aside into a new .chachaml-ops-replaced-*/, never deleted.",
 )
 @click.option(
     "--include-orphans", is_flag=True, help="Also put archived orphans back in the artifact dir."
@@ -796,25 +818,32 @@ def verify_backup_cmd(archive, as_json):
 def restore(archive, target, force, include_orphans, jobs, as_json):
     """Restore an archive to DIR/chachaml.db and DIR/chachaml-artifacts/, safely.
 
-    Members are extracted into a temporary sibling of DIR (absolute paths, '..', links and
-    devices refused), checked against the manifest, then renamed into place; finally the
-    restored store is verified and its summary printed. Exit 0 clean, 1 warnings, 2 errors
-    (a damaged archive restores nothing), 3 could not start.
+    The archive is first verified in full (nothing written); then members are extracted into
+    DIR/.chachaml-ops-restore-*/ (absolute paths, '..', links and devices refused), judged
+    again, renamed into place, and the restored store is verified. Exit 0 restored and clean,
+    1 restored with warnings or with errors the store already had at backup time, 2 damaged
+    (nothing restored), 3 could not start or complete (target left as it was).
 
     \b
     Example:
-      chachaml-ops restore /backups/chachaml-20261203T020000Z-1a2b3c4d.tar.zst --to /srv/ml2
+      chachaml-ops restore /backups/chachaml-ml-0a1b2c3d-20261203T020000Z-1a2b.tar.zst --to /srv/ml2
     """
     from chachaml_ops.restore import RestoreOptions, restore_archive
 
+    _terminate_cleanly()
     opts = RestoreOptions(force=force, include_orphans=include_orphans, jobs=jobs)
     result = restore_archive(archive, target, opts)
-    code = result.report.exit_code()
-    if result.verify is not None:
-        code = max(code, result.verify.exit_code())
+    reports = [result.report] + ([result.verify] if result.verify is not None else [])
+    errors = sum(r.severity_counts().get("error", 0) for r in reports)
+    if not result.restored:
+        code = EXIT_ERRORS
+    else:
+        code = min(max(r.exit_code() for r in reports), EXIT_WARNINGS)
     if as_json:
         doc = result.report.to_json()
         doc["verify"] = result.verify.to_json() if result.verify else None
+        doc["restored"] = result.restored
+        doc["exit_code"] = code
         _emit_doc(doc)
     else:
         _emit(result.report, False)
@@ -823,7 +852,12 @@ def restore(archive, target, force, include_orphans, jobs, as_json):
             _emit(result.verify, False)
     if not result.restored:
         click.echo(f"Error: {archive} is damaged; nothing was restored to {target}", err=True)
-        code = EXIT_ERRORS
+    elif errors:
+        click.echo(
+            f"Note: restored to {target}, but the store already had {errors} error finding(s)"
+            " when it was backed up (at_backup); exit 1",
+            err=True,
+        )
     sys.exit(code)
 
 
@@ -835,14 +869,21 @@ def restore(archive, target, force, include_orphans, jobs, as_json):
     required=True,
     help="Folder holding the archives.",
 )
+@click.option(
+    "--db",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Only this store's archives (default: every store's, the policy applied per store).",
+)
 @retention_options
 @click.option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (schema 1).")
-def prune(out_dir, keep_last, keep_daily, keep_weekly, keep_monthly, dry_run, as_json):
+def prune(out_dir, db, keep_last, keep_daily, keep_weekly, keep_monthly, dry_run, as_json):
     """Delete old archives in DIR by a restic-style policy (times from the archive names, UTC).
 
-    Only files named like this tool's archives are ever deleted, and the newest intact
-    archive is always kept. Exit 0 done, 1 a damaged archive was seen, 2 a deletion failed.
+    Only files named exactly like this tool's archives are ever deleted; the policy applies
+    per store (the store id in the names; --db: only that store), and each store's newest
+    intact archive is always kept. Exit 0 done, 1 a damaged archive seen, 2 a deletion failed.
 
     \b
     Example:
@@ -856,7 +897,13 @@ def prune(out_dir, keep_last, keep_daily, keep_weekly, keep_monthly, dry_run, as
         raise UsageError(
             "prune needs a policy", "give at least one of --keep-last/daily/weekly/monthly"
         )
-    result = prune_archives(out_dir, policy, dry_run=dry_run, is_intact=archive_is_intact)
+    from chachaml_ops.archive import store_id
+
+    _terminate_cleanly()
+    store = store_id(db) if db is not None else None
+    result = prune_archives(
+        out_dir, policy, dry_run=dry_run, is_intact=archive_is_intact, store=store
+    )
     report = Report("prune", {"out_dir": str(out_dir)}, actions=result.actions)
     report.add(result.findings)
     counts = {a: sum(1 for x in result.actions if x["action"] == a) for a in ("kept", "deleted")}
@@ -904,4 +951,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         sys.exit(130)
+    except Terminated:
+        click.echo("Terminated; temporary files removed.", err=True)
+        sys.exit(143)
     sys.exit(rv if isinstance(rv, int) else 0)

@@ -1,7 +1,8 @@
 """Retention of backup archives: restic/borg keep-last/daily/weekly/monthly, then prune.
 
-Times come from the archive names (UTC), never from mtimes; only files named like our archives
-are considered, and the newest intact archive is always kept whatever the policy says.
+Times and the store come from the archive names (UTC time, `<stem>-<key8>` store id), never
+from mtimes; only files named exactly like our archives are considered, the policy applies per
+store, and each store's newest intact archive is always kept whatever the policy says.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from chachaml_ops.archive import ARCHIVE_RE, archive_time
+from chachaml_ops.archive import ARCHIVE_RE, archive_store, archive_time
 from chachaml_ops.backup import fsync_dir
 from chachaml_ops.report import Finding, iso_time
 
@@ -39,6 +40,10 @@ class ArchiveFile:
     name: str
     time: float  # UTC seconds, from the name
     tiebreak: int = 0  # mtime in ns: orders archives taken within the same second
+
+    @property
+    def store(self) -> str:
+        return archive_store(self.name) or ""
 
 
 @dataclass(frozen=True)
@@ -86,8 +91,9 @@ def plan_retention(archives: list[ArchiveFile], policy: RetentionPolicy) -> list
     return [Decision(a, bool(reasons[a.name]), tuple(reasons[a.name])) for a in ordered]
 
 
-def list_archives(out_dir: Path) -> list[ArchiveFile]:
-    """Our finished archives in `out_dir` (regular files named like ours; no partials)."""
+def list_archives(out_dir: Path, store: str | None = None) -> list[ArchiveFile]:
+    """Our finished archives in `out_dir` (regular files named like ours; no partials),
+    only those of `store` (a `<stem>-<key8>` id) when given."""
     found: list[ArchiveFile] = []
     try:
         entries = list(os.scandir(out_dir))
@@ -95,6 +101,8 @@ def list_archives(out_dir: Path) -> list[ArchiveFile]:
         return found
     for entry in entries:
         t = archive_time(entry.name)
+        if store is not None and archive_store(entry.name) != store:
+            continue
         if t is not None and entry.is_file(follow_symlinks=False):
             found.append(ArchiveFile(entry.name, t, entry.stat(follow_symlinks=False).st_mtime_ns))
     return found
@@ -114,47 +122,64 @@ def prune(
     dry_run: bool,
     is_intact: Callable[[Path], bool],
     known_intact: frozenset[str] = frozenset(),
+    store: str | None = None,
 ) -> PruneResult:
-    """Apply the policy to `out_dir`. The newest intact archive survives even if the policy
-    would drop it; archives are checked newest first and only until one proves intact."""
+    """Apply the policy to `out_dir`, separately for each store's archives (only `store`'s
+    when given): archives of other stores sharing the folder are never touched."""
     out_dir = Path(out_dir)
+    groups: dict[str, list[ArchiveFile]] = {}
+    for a in list_archives(out_dir, store):
+        groups.setdefault(a.store, []).append(a)
+    result = PruneResult([], [], [])
+    for key in sorted(groups):
+        _prune_group(out_dir, groups[key], policy, dry_run, is_intact, known_intact, result)
+    if not dry_run and any(a["action"] == "deleted" for a in result.actions):
+        fsync_dir(out_dir)
+    return result
+
+
+def _prune_group(
+    out_dir: Path,
+    archives: list[ArchiveFile],
+    policy: RetentionPolicy,
+    dry_run: bool,
+    is_intact: Callable[[Path], bool],
+    known_intact: frozenset[str],
+    result: PruneResult,
+) -> None:
+    """One store's archives. The newest intact one survives even if the policy would drop
+    it; archives are checked newest first and only until one proves intact."""
     decisions = [
         Decision(d.archive, True, (*d.reasons, "just written"))
         if d.archive.name in known_intact and not d.keep
         else d
-        for d in plan_retention(list_archives(out_dir), policy)
+        for d in plan_retention(archives, policy)
     ]
-    findings: list[Finding] = []
-    if all(d.keep for d in decisions):
-        decisions_to_check: list[Decision] = []
-    else:
-        decisions_to_check = decisions
+    decisions_to_check = [] if all(d.keep for d in decisions) else decisions
     for i, d in enumerate(decisions_to_check):
         intact = d.archive.name in known_intact or is_intact(out_dir / d.archive.name)
         if intact:
             if not d.keep:
                 decisions[i] = Decision(d.archive, True, ("newest intact archive",))
             break
-        findings.append(
+        result.findings.append(
             Finding(
                 "unverifiable",
                 d.archive.name,
                 "archive is damaged or unreadable (run verify-backup on it)",
             )
         )
-    actions: list[dict[str, Any]] = []
+    result.decisions.extend(decisions)
     for d in decisions:
-        entry = {"path": d.archive.name, "time": iso_time(d.archive.time)}
+        entry = {"path": d.archive.name, "time": iso_time(d.archive.time), "store": d.archive.store}
         if d.keep:
-            actions.append({**entry, "action": "kept", "reason": ", ".join(d.reasons)})
+            result.actions.append({**entry, "action": "kept", "reason": ", ".join(d.reasons)})
             continue
+        why = "not kept by the policy"
         if dry_run:
-            actions.append({**entry, "action": "would delete", "reason": "dry run"})
+            result.actions.append({**entry, "action": "would delete", "reason": why})
             continue
-        actions.append({**entry, **_delete(out_dir, d.archive.name)})
-    if not dry_run and any(a["action"] == "deleted" for a in actions):
-        fsync_dir(out_dir)
-    return PruneResult(decisions, actions, findings)
+        result.actions.append({**entry, "reason": why, **_delete(out_dir, d.archive.name)})
 
 
 def _delete(out_dir: Path, name: str) -> dict[str, Any]:

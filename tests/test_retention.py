@@ -18,8 +18,8 @@ from chachaml_ops.store import Store
 DAY = 86400.0
 
 
-def _name(t: float, tag: int = 0) -> str:
-    return f"chachaml-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(t))}-{tag:08x}.tar.zst"
+def _name(t: float, tag: int = 0, store: str = "chachaml-0a1b2c3d") -> str:
+    return f"chachaml-{store}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(t))}-{tag:08x}.tar.zst"
 
 
 def _at(text: str) -> float:
@@ -41,8 +41,9 @@ EVERY_6H = [END - i * DAY / 4 for i in range(60 * 4)]
 
 def test_name_carries_its_utc_time():
     assert archive_time(_name(NOW)) == NOW
-    assert archive_time("chachaml-20261130T180000Z-0000000g.tar.zst") is None
-    assert archive_time("chachaml-20261130T180000Z-00000000.tar.zst.partial") is None
+    assert archive_time("chachaml-x-0a1b2c3d-20261130T180000Z-0000000g.tar.zst") is None
+    assert archive_time("chachaml-x-0a1b2c3d-20261130T180000Z-00000000.tar.zst.partial") is None
+    assert archive_time("chachaml-20261130T180000Z-00000000.tar.zst") is None  # no store id
 
 
 def test_keep_last_keeps_the_n_newest():
