@@ -38,7 +38,7 @@ from chachaml_ops.archive import (
     store_id,
     sums_line,
 )
-from chachaml_ops.errors import OpsError, UsageError
+from chachaml_ops.errors import Interrupted, OpsError, UsageError
 from chachaml_ops.hashing import NotRegularFile, StreamingSha256, open_regular
 from chachaml_ops.layout import (
     ArtifactTree,
@@ -179,12 +179,16 @@ def fsync_dir(path: Path) -> None:
 class _Throttle:
     """--bwlimit: sleep so the bytes read stay under a rate (be gentle to a busy store)."""
 
-    def __init__(self, rate: int | None) -> None:
+    def __init__(self, rate: int | None, should_stop: Callable[[], bool] | None = None) -> None:
         self.rate = rate
         self.start = time.monotonic()
         self.done = 0
+        self.should_stop = should_stop
 
     def __call__(self, n: int) -> None:
+        # Called per chunk read: also where a stopping daemon aborts (the partial is removed).
+        if self.should_stop is not None and self.should_stop():
+            raise Interrupted("backup stopped part way; the partial archive was removed")
         if not self.rate:
             return
         self.done += n
@@ -333,8 +337,12 @@ def run_backup(
     opts: BackupOptions,
     *,
     clock: Callable[[], float] = time.time,
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[Report, BackupResult]:
-    """Snapshot, archive and publish atomically. The caller holds the store lock."""
+    """Snapshot, archive and publish atomically. The caller holds the store lock.
+
+    `should_stop()` is asked per chunk; when true, errors.Interrupted is raised and the
+    partial archive is removed (nothing finished-looking is left)."""
     started = time.monotonic()
     out_dir = Path(out_dir)
     if is_inside(out_dir, artifact_dir):
@@ -375,7 +383,9 @@ def run_backup(
         stack.callback(_close_quietly, raw)
         writer = _ArchiveWriter(raw, opts, executor)
         try:
-            counts = _write_members(writer, store, snapshot, artifact_dir, opts, report)
+            counts = _write_members(
+                writer, store, snapshot, artifact_dir, opts, report, should_stop
+            )
             manifest = build_manifest(
                 tool_version=__version__,
                 created=iso_time(now),
@@ -448,8 +458,9 @@ def _write_members(
     artifact_dir: Path,
     opts: BackupOptions,
     report: Report,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, int]:
-    throttle = _Throttle(opts.bwlimit)
+    throttle = _Throttle(opts.bwlimit, should_stop)
     counts = {"rows": 0, "artifacts": 0, "orphans": 0, "db_bytes": 0, "artifact_bytes": 0}
     fd, st = open_regular(snapshot)
     try:
@@ -619,13 +630,14 @@ def backup_and_prune(
     out_dir: Path,
     opts: BackupOptions,
     policy: RetentionPolicy | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[Report, BackupResult, list[dict]]:
     """One backup, then retention by `policy`: what both `chachaml-ops backup` and the
     daemon's backup job do. The caller holds the store lock. Returns the pruned actions."""
     from chachaml_ops.restore import archive_is_intact
     from chachaml_ops.retention import prune
 
-    report, result = run_backup(store, artifact_dir, out_dir, opts)
+    report, result = run_backup(store, artifact_dir, out_dir, opts, should_stop=should_stop)
     pruned: list[dict] = []
     if policy is not None and not policy.is_empty():
         outcome = prune(

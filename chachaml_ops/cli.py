@@ -538,9 +538,11 @@ def config_check(file: Path | None):
     Example:
       chachaml-ops config check /etc/chachaml-ops/config.toml
     """
-    from chachaml_ops.config import describe
+    from chachaml_ops.config import describe, require_writable_state_dir
 
-    click.echo("\n".join(describe(_load_config(file))))
+    cfg = _load_config(file)
+    require_writable_state_dir(cfg)
+    click.echo("\n".join(describe(cfg)))
 
 
 @cli.command()
@@ -563,11 +565,16 @@ def status(config_path: Path | None, as_json: bool):
     """
     import json
 
-    from chachaml_ops.daemon import next_runs
+    from chachaml_ops.daemon import is_due, next_runs
     from chachaml_ops.jobs import read_daemon_status, status_report
 
     cfg = _load_config(config_path)
-    doc = status_report(cfg, read_daemon_status(cfg.state_dir), next_runs(cfg))
+
+    def due_at_start(task: str, last_start: float | None) -> bool:
+        spec = cfg.schedule(task)
+        return spec is not None and is_due(spec, cfg.timezone, last_start, time.time())
+
+    doc = status_report(cfg, read_daemon_status(cfg.state_dir), next_runs(cfg), due_at_start)
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return
@@ -607,6 +614,8 @@ def _render_status(doc: dict) -> str:
                     result += f" ({kinds})"
             if info["schedule"] is None:
                 nxt = "not scheduled"
+            elif info.get("catch_up_at_start"):
+                nxt = "next: when the daemon starts (catch-up)"
             elif info["next_run"] is None:
                 nxt = "next: -"
             elif info["next_run"] <= now:

@@ -6,6 +6,7 @@ its key path and a hint, and reported together (borgmatic's habit), so one edit 
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -17,12 +18,18 @@ from typing import Any
 
 from chachaml_ops.errors import OpsError, UsageError
 from chachaml_ops.layout import derive_artifact_dir
-from chachaml_ops.state import default_state_dir, store_key
+from chachaml_ops.state import (
+    CONFIG_ENV_VAR,
+    SYSTEM_CONFIG,
+    StateDirUnusable,
+    default_state_dir,
+    store_key,
+)
 from chachaml_ops.units import parse_duration
 from chachaml_ops.verify import Subset
 
-ENV_VAR = "CHACHAML_OPS_CONFIG"
-SYSTEM_PATH = Path("/etc/chachaml-ops/config.toml")
+ENV_VAR = CONFIG_ENV_VAR
+SYSTEM_PATH = SYSTEM_CONFIG
 TASKS = ("verify", "orphans", "backup")
 COMPRESSIONS = ("zstd", "gzip", "none")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -138,6 +145,11 @@ def _cron_field(text: str, spec: CronField) -> tuple[int, ...] | None:
 
 def parse_cron(text: str) -> CronSpec:
     """Parse five crontab fields (names allowed); ValueError says which field is wrong."""
+    if text.strip().startswith("@"):
+        raise ValueError(
+            f"{text.strip()!r}: cron macros (@daily, @hourly, ...) are not supported;"
+            ' write five fields, e.g. "0 0 * * *" for @daily'
+        )
     fields = text.split()
     if len(fields) != 5:
         raise ValueError(
@@ -151,7 +163,22 @@ def parse_cron(text: str) -> CronSpec:
             "restrict the day of month or the day of week, not both"
             " (cron would run when either matches)"
         )
-    return CronSpec(" ".join(fields), *parsed)
+    spec = CronSpec(" ".join(fields), *parsed)
+    if not _fires(spec):
+        raise ValueError(f"{spec.text!r} never fires (no such day in the months given)")
+    return spec
+
+
+_DAYS_IN_MONTH = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)  # February of a leap year
+
+
+def _fires(spec: CronSpec) -> bool:
+    """Whether the line has a fire time within 4 years (a leap year included): only a day of
+    month that no listed month has (`0 0 31 2 *`) can make it never fire."""
+    if spec.day is None:
+        return True
+    months = spec.month or range(1, 13)
+    return any(min(spec.day) <= _DAYS_IN_MONTH[m - 1] for m in months)
 
 
 # -- the config values -------------------------------------------------------------------
@@ -263,17 +290,32 @@ def find_config(explicit: Path | None, environ: Mapping[str, str] = os.environ) 
 
 def load_config(path: Path) -> Config:
     """Read and validate; raises ConfigError listing every problem at once."""
-    path = Path(path)
+    path = Path(path).absolute()  # status and daemon.json show where it really came from
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise UsageError(f"no config file at {path}", "check the path") from None
+    except IsADirectoryError:
+        raise UsageError(
+            f"config {path} is a folder", "give the TOML file, e.g. /etc/chachaml-ops/config.toml"
+        ) from None
     except OSError as exc:
-        raise UsageError(f"cannot read config {path}: {exc.strerror}") from None
+        raise UsageError(
+            f"cannot read config {path}: {exc.strerror}", "check its permissions"
+        ) from None
     try:
         doc = tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(str(path), [Problem("(file)", "not UTF-8 text")]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            str(path),
+            [
+                Problem(
+                    "(file)",
+                    f"not UTF-8 text (byte {exc.start})",
+                    "save the file as UTF-8 (iconv -t UTF-8)",
+                )
+            ],
+        ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), [Problem("(syntax)", str(exc), "fix the TOML")]) from None
     return parse_config(doc, path)
@@ -354,8 +396,18 @@ def _duration(value: Any) -> float:
     if isinstance(value, bool):
         raise TypeError('must be a duration like "90s", "1h", "7d"')
     seconds = float(value) if isinstance(value, (int, float)) else parse_duration(_string(value))
+    if math.isnan(seconds) or math.isinf(seconds):
+        raise ValueError(f"must be a finite duration, not {value!r}")
     if seconds < 0:
         raise ValueError("must not be negative")
+    return seconds
+
+
+def _positive_duration(value: Any) -> float:
+    """A duration where zero makes no sense (a timeout, a polling period, a budget)."""
+    seconds = _duration(value)
+    if seconds == 0:
+        raise ValueError(f"must be more than zero, not {value!r}")
     return seconds
 
 
@@ -404,9 +456,10 @@ def parse_config(doc: dict[str, Any], source: Path) -> Config:
         return (base / text) if not os.path.isabs(text) else Path(text)
 
     top = _Reader(doc, "", problems)
-    state_dir = top.get("state_dir", path, None) or default_state_dir()
+    # Without state_dir: $STATE_DIRECTORY, /var/lib/chachaml-ops, XDG (never another config's).
+    state_dir = top.get("state_dir", path, None) or default_state_dir(consult_config=False)
     timezone = top.get("timezone", _timezone, "UTC", "an IANA name such as Europe/Berlin")
-    log_level = top.get("log_level", _choice(LOG_LEVELS), "info")
+    log_level = top.get("log_level", _choice(LOG_LEVELS), "info", 'e.g. "info" (or "debug")')
     lock_wait = top.get("lock_wait", _duration, 6 * 3600.0, "how long a job waits for a busy store")
 
     stores = _stores(doc.get("store"), problems, path)
@@ -416,11 +469,13 @@ def parse_config(doc: dict[str, Any], source: Path) -> Config:
     verify = VerifyConfig(
         schedule=v.get("schedule", _cron, None, 'crontab syntax, e.g. "0 3 * * *"'),
         subset=v.get("subset", _subset, None, 'n/t, e.g. "1/7"'),
-        jobs=v.get("jobs", _int_at_least(1), None),
-        quick=v.get("quick", _bool, False),
-        drop_cache=v.get("drop_cache", _bool, True),
+        jobs=v.get(
+            "jobs", _int_at_least(1), None, "files hashed at once, e.g. 2; omit for the CPU count"
+        ),
+        quick=v.get("quick", _bool, False, "true checks presence and size only"),
+        drop_cache=v.get("drop_cache", _bool, True, "true or false"),
         min_age=v.get("min_age", _duration, 3600.0, 'e.g. "1h"'),
-        max_duration=v.get("max_duration", _duration, None, 'e.g. "2h"'),
+        max_duration=v.get("max_duration", _positive_duration, None, 'e.g. "2h"'),
         max_age=v.get("max_age", _duration, None, 'e.g. "30d"'),
     )
     v.finish()
@@ -434,10 +489,14 @@ def parse_config(doc: dict[str, Any], source: Path) -> Config:
     backup = BackupConfig(
         schedule=b.get("schedule", _cron, None, 'crontab syntax, e.g. "30 3 * * *"'),
         dir=b.get("dir", path, None),
-        compression=b.get("compression", _choice(COMPRESSIONS), "zstd"),
-        keep_daily=b.get("keep_daily", _int_at_least(0), 7),
-        keep_weekly=b.get("keep_weekly", _int_at_least(0), 4),
-        keep_monthly=b.get("keep_monthly", _int_at_least(0), 0),
+        compression=b.get("compression", _choice(COMPRESSIONS), "zstd", 'e.g. "zstd"'),
+        keep_daily=b.get("keep_daily", _int_at_least(0), 7, "archives kept, e.g. 7; 0 keeps none"),
+        keep_weekly=b.get(
+            "keep_weekly", _int_at_least(0), 4, "archives kept, e.g. 4; 0 keeps none"
+        ),
+        keep_monthly=b.get(
+            "keep_monthly", _int_at_least(0), 0, "archives kept, e.g. 12; 0 keeps none"
+        ),
     )
     b.finish()
     if backup.schedule is not None and backup.dir is None:
@@ -453,18 +512,18 @@ def parse_config(doc: dict[str, Any], source: Path) -> Config:
         )
     w = _Reader(doc.get("watch", {}), "watch", problems)
     watch = WatchConfig(
-        enabled=w.get("enabled", _bool, False),
+        enabled=w.get("enabled", _bool, False, "true or false (no quotes)"),
         debounce=w.get("debounce", _duration, 2.0, 'e.g. "2s"'),
         grace=w.get("grace", _duration, 600.0, 'e.g. "10m"'),
-        polling=w.get("polling", _bool, False),
-        poll_interval=w.get("poll_interval", _duration, 10.0, 'e.g. "10s"'),
+        polling=w.get("polling", _bool, False, "true or false (no quotes)"),
+        poll_interval=w.get("poll_interval", _positive_duration, 10.0, 'e.g. "10s"'),
     )
     w.finish()
     a = _Reader(doc.get("alerts", {}), "alerts", problems)
     alerts = AlertsConfig(
         ping_url=a.get("ping_url", _url, None, "a healthchecks-style ping URL"),
         webhook_url=a.get("webhook_url", _url, None, "e.g. a Slack incoming-webhook URL"),
-        timeout=a.get("timeout", _duration, 10.0, 'e.g. "10s"'),
+        timeout=a.get("timeout", _positive_duration, 10.0, 'e.g. "10s"'),
     )
     a.finish()
     top.finish(allowed=("verify", "orphans", "backup", "metrics", "watch", "alerts"))
@@ -497,6 +556,11 @@ def _stores(raw: Any, problems: list[Problem], path: Callable[[Any], Path]) -> l
     if not isinstance(raw, list):
         problems.append(Problem("store", "must be an array of tables", "write [[store]]"))
         return []
+    if not raw:
+        problems.append(
+            Problem("store", "lists no store", 'add one: [[store]] name = "main" db = "..."')
+        )
+        return []
     stores: list[StoreConfig] = []
     names: set[str] = set()
     dbs: dict[str, str] = {}
@@ -519,16 +583,58 @@ def _stores(raw: Any, problems: list[Problem], path: Callable[[Any], Path]) -> l
         if db is None and "db" not in r.table:
             r.problem("db", "is required", "the path of the chachaml metadata DB")
         elif db is not None:
-            if not db.is_file():
-                r.problem("db", f"no database file at {db}", "check the path (and permissions)")
+            # A missing file is not a config error (the store may appear later: its jobs exit 3
+            # until then); a folder or other non-file there is structurally wrong.
+            if os.path.lexists(db) and not db.is_file():
+                r.problem("db", f"{db} is not a file", "give the path of the chachaml .db file")
             real = os.path.realpath(db)
             if real in dbs:
-                r.problem("db", f"{db} is also store {dbs[real]!r}", "list each store once")
-            dbs[real] = name or f"store[{i}]"
+                r.problem("db", f"{db} is also {dbs[real]}", "list each store once")
+            else:
+                dbs[real] = f"store {name!r}" if name else f"store[{i}]"
         if name and db is not None:
             names.add(name)
             stores.append(StoreConfig(name, db, artifact_dir or derive_artifact_dir(db)))
     return stores
+
+
+def require_writable_state_dir(config: Config) -> None:
+    """For `config check` and the daemon (not `status`, which only reads): StateDirUnusable
+    (one line, exit 3) when the state dir cannot hold the job history and locks."""
+    problem = state_dir_problem(config.state_dir)
+    if problem:
+        raise StateDirUnusable(
+            f"{config.source}: state_dir: {problem}",
+            "create it for the service user, or set state_dir to another folder",
+        )
+
+
+def state_dir_problem(state_dir: Path) -> str:
+    """Why the state dir cannot hold job history and locks ('' when it can), without creating
+    anything: it must be a writable folder, or creatable in the nearest existing parent."""
+    path = Path(state_dir)
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe != path:
+        if not probe.is_dir():
+            return f"cannot be created: {probe} is not a folder"
+        if not os.access(probe, os.W_OK | os.X_OK):
+            return f"cannot be created: {probe} is not writable by this user"
+        return ""
+    if not path.is_dir():
+        return f"{path} is not a folder"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"{path} is not writable by this user"
+    for name in ("state.db", "locks", "alerts"):
+        item = path / name
+        if item.exists() and not os.access(item, os.W_OK):
+            return f"{item} is not writable by this user"
+    if (path / "state.db").is_dir():
+        return f"{path / 'state.db'} is a folder, not the state database"
+    return ""
 
 
 def describe(config: Config) -> list[str]:
@@ -536,6 +642,10 @@ def describe(config: Config) -> list[str]:
     lines = [f"config {config.source}: OK", f"  state dir: {config.state_dir}"]
     for s in config.stores:
         lines.append(f"  store {s.name}: {s.db} (artifacts {s.artifact_dir})")
+        if not s.db.exists():
+            lines.append(
+                f"    warning: no database file yet; {s.name}'s jobs exit 3 until it appears"
+            )
     for task in TASKS:
         spec = config.schedule(task)
         when = f'cron "{spec}" ({config.timezone})' if spec else "not scheduled"

@@ -6,9 +6,12 @@ come from watcher.StoreWatcher; this module decides when things run and how the 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import signal
+import sqlite3
 import threading
 import time
 from datetime import UTC, datetime
@@ -21,13 +24,20 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 
 from chachaml_ops import logs
-from chachaml_ops.config import TASKS, Config, ConfigError, CronSpec, load_config
+from chachaml_ops.config import (
+    TASKS,
+    Config,
+    ConfigError,
+    CronSpec,
+    load_config,
+    require_writable_state_dir,
+)
 from chachaml_ops.errors import OpsError
 from chachaml_ops.jobs import RESCAN, JobRunner
 from chachaml_ops.logs import get_logger
 from chachaml_ops.notify import Notifier
 from chachaml_ops.report import iso_time
-from chachaml_ops.state import StateDB
+from chachaml_ops.state import StateDB, StateDirUnusable
 
 STATUS_FILE = "daemon.json"
 # A run that could not start on time (the machine slept, all threads busy) still runs if it is
@@ -81,12 +91,36 @@ def is_due(spec: CronSpec, timezone: str, last_start: float | None, now: float) 
     return nxt is not None and nxt.timestamp() <= now
 
 
+def _configure_logging(level: str) -> None:
+    logs.configure(level)
+    # APScheduler logs every job's start and end at INFO; our job_started/job_finished say it.
+    logging.getLogger("apscheduler").setLevel(
+        logging.DEBUG if level == "debug" else logging.WARNING
+    )
+
+
+def check_state_dir(state_dir: Path) -> None:
+    """Open (and so create) the job history once: a state dir that cannot hold it is a start
+    failure with one line and exit 3 (no restart), not a traceback."""
+    try:
+        with StateDB(state_dir) as state:
+            state.conn.execute("BEGIN IMMEDIATE")  # a write lock: proves it is writable
+            state.conn.execute("ROLLBACK")
+    except (OSError, sqlite3.Error) as exc:
+        raise StateDirUnusable(
+            f"cannot use the state dir {state_dir}: {exc}",
+            "set state_dir in the config to a folder the service user can write",
+        ) from None
+
+
 class Daemon:
     def __init__(self, config_path: Path, *, notifier: Notifier | None = None) -> None:
-        self.config_path = Path(config_path)
+        self.config_path = Path(config_path).absolute()
         self.config = load_config(self.config_path)
-        logs.configure(self.config.log_level)
+        _configure_logging(self.config.log_level)
         self.log = get_logger("chachaml_ops.daemon")
+        require_writable_state_dir(self.config)
+        check_state_dir(self.config.state_dir)
         self.notifier = notifier or Notifier()
         self.stop_event = threading.Event()
         self.wake = threading.Event()
@@ -108,11 +142,30 @@ class Daemon:
 
     # -- setup ------------------------------------------------------------------------------
 
+    def _warn_missing_dbs(self, config: Config) -> None:
+        for store in config.stores:
+            if not store.db.exists():
+                self.log.warning(
+                    "store_db_missing",
+                    store=store.name,
+                    db=str(store.db),
+                    action="its jobs exit 3 until the file appears; other stores run",
+                )
+
     def _schedule_all(self, runner: JobRunner, config: Config) -> list[str]:
         """Add one job per (store, task); return the ids of those due now (catch-up)."""
+        self._warn_missing_dbs(config)
         now = time.time()
         due: list[str] = []
-        with StateDB(config.state_dir) as state:
+        try:
+            state = StateDB(config.state_dir)
+        except (OSError, sqlite3.Error) as exc:
+            # History unreadable (at a reload): schedule by cron alone, no catch-up.
+            self.log.error("history_read_failed", error=str(exc), action="no catch-up")
+            state = None
+        with contextlib.ExitStack() as held:
+            if state is not None:
+                held.callback(state.close)
             for task in TASKS:
                 spec = config.schedule(task)
                 if spec is None:
@@ -120,8 +173,10 @@ class Daemon:
                 trigger = cron_trigger(spec, config.timezone)
                 for store in config.stores:
                     job_id = f"{store.name}:{task}"
-                    last = state.last_job(store.state_key, task, success=True)
-                    catch_up = is_due(spec, config.timezone, last and last.started, now)
+                    last = state.last_job(store.state_key, task, success=True) if state else None
+                    catch_up = state is not None and is_due(
+                        spec, config.timezone, last and last.started, now
+                    )
                     kwargs: dict[str, Any] = {}
                     if catch_up:
                         kwargs["next_run_time"] = datetime.now(UTC)
@@ -239,6 +294,7 @@ class Daemon:
         self.notifier.reloading()
         try:
             config = load_config(self.config_path)
+            require_writable_state_dir(config)
         except ConfigError as exc:
             self.log.error(
                 "reload_failed",
@@ -257,9 +313,12 @@ class Daemon:
         self._stop_watchers()
         for job in self.scheduler.get_jobs():
             job.remove()
-        logs.configure(config.log_level)
+        self.runner.close()
+        _configure_logging(config.log_level)
         self.config = config
-        self.runner = JobRunner(config, self.stop_event.is_set)
+        self.runner = JobRunner(
+            config, self.stop_event.is_set, watch_counts=self.runner.watch_counts
+        )
         due = self._schedule_all(self.runner, config)
         self._start_watchers(self.runner, config)
         self.runner.write_metrics()
@@ -278,6 +337,7 @@ class Daemon:
         self._stop_watchers()
         # Running jobs see stop_event at their next file and return; queued ones never start.
         self.scheduler.shutdown(wait=True)
+        self.runner.close()
         self._write_status(stopped=True)
         self.log.info("daemon_stopped")
         return 0

@@ -54,3 +54,7 @@ class UsageError(OpsError):
 
 class ScratchFull(OpsError):
     pass
+
+
+class Interrupted(OpsError):
+    """The process is stopping (SIGTERM): the work gave up part way, and left nothing half-done."""

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
+from chachaml_ops.errors import Interrupted
 from chachaml_ops.layout import confined
 
 # 256 KiB: the buffer stays in L2 while OpenSSL hashes it (1 MiB measured ~10% slower).
@@ -70,12 +71,14 @@ def sha256_file(
     drop_cache: bool = False,
     confine: bool = False,
     throttle: Callable[[int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Digest:
     """Hash a regular file. Raises OSError (NotRegularFile, OutsideTree, ...) when it cannot.
 
     With `confine`, `path` must be a real path (no symlinks anywhere) and the opened file must
     be exactly there, so nothing outside the artifact tree is ever read. `throttle(n)` is
-    called before each n bytes are read (see RateLimit).
+    called before each n bytes are read (see RateLimit). `should_stop()` is asked before each
+    chunk and raises errors.Interrupted when true, so one huge file never delays a shutdown.
     """
     fd = os.open(path, _OPEN_FLAGS)
     try:
@@ -104,6 +107,8 @@ def sha256_file(
             buf = bytearray(CHUNK)
             view = memoryview(buf)
             while True:
+                if should_stop is not None and should_stop():
+                    raise Interrupted(f"stopped while hashing {os.fsdecode(path)}")
                 if throttle is not None:
                     throttle(CHUNK)
                 n = os.readv(fd, [buf])

@@ -21,7 +21,7 @@ from typing import Any
 from chachaml_ops import metrics
 from chachaml_ops.alerts import Alerter
 from chachaml_ops.config import Config, StoreConfig
-from chachaml_ops.errors import EXIT_CANNOT_CHECK, OpsError
+from chachaml_ops.errors import EXIT_CANNOT_CHECK, Interrupted, OpsError
 from chachaml_ops.logs import get_logger
 from chachaml_ops.report import Finding, Report, Severity
 from chachaml_ops.state import StateDB, StoreBusy, store_lock
@@ -42,10 +42,6 @@ class StateUnreadable(OpsError):
     """The state dir cannot be opened (usually: not the service user)."""
 
 
-class Interrupted(Exception):
-    """The daemon is stopping; the job gave up before (or while) working."""
-
-
 @dataclass(frozen=True)
 class JobOutcome:
     store: str
@@ -59,12 +55,19 @@ class JobOutcome:
 class JobRunner:
     """Runs jobs for one loaded config. Thread-safe: each call opens its own connections."""
 
-    def __init__(self, config: Config, should_stop: StopFn, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        config: Config,
+        should_stop: StopFn,
+        clock: Callable[[], float] = time.time,
+        watch_counts: dict[tuple[str, str], int] | None = None,
+    ):
         self.config = config
         self.should_stop = should_stop
         self.clock = clock
-        self.alerter = Alerter(config.alerts, config.state_dir)
-        self.watch_counts: dict[tuple[str, str], int] = {}
+        self.alerter = Alerter(config.alerts, config.state_dir, should_stop)
+        # Since the daemon started: handed on to the next runner at a reload, not reset.
+        self.watch_counts: dict[tuple[str, str], int] = {} if watch_counts is None else watch_counts
         # Jobs and watchers finish on different threads; one writer of the textfile at a time.
         self._metrics_lock = threading.Lock()
 
@@ -88,7 +91,15 @@ class JobRunner:
                 log.error("job_failed", error=exc.one_line())
                 self._record(store, outcome)
                 return outcome
+            if self.should_stop():
+                # Got the lock as the daemon began stopping: never start, never ping.
+                log.info("job_skipped", reason="daemon stopping")
+                return None
             return self._run_locked(store, job, log)
+
+    def close(self) -> None:
+        """This runner is retired (reload, shutdown): stop its webhook sender."""
+        self.alerter.close()
 
     def _wait_for_lock(self, held: ExitStack, store: StoreConfig, log) -> None:
         """Take the store's lock into `held`, waiting while another job or a CLI run has it.
@@ -100,7 +111,7 @@ class JobRunner:
         waited = False
         while True:
             if self.should_stop():
-                raise Interrupted
+                raise Interrupted("the daemon is stopping")
             try:
                 held.enter_context(
                     store_lock(
@@ -118,9 +129,13 @@ class JobRunner:
                 log.info("store_free")
             return
 
-    def _run_locked(self, store: StoreConfig, job: str, log) -> JobOutcome:
+    def _run_locked(self, store: StoreConfig, job: str, log) -> JobOutcome | None:
         run_id = str(uuid.uuid4())
         self.alerter.ping("start", run_id)
+        if self.should_stop():
+            # Stopped while the start ping was out: the job never ran, so no end ping either.
+            log.info("job_skipped", reason="daemon stopping")
+            return None
         log.info("job_started")
         started = self.clock()
         report: Report | None = None
@@ -134,6 +149,10 @@ class JobRunner:
             else:
                 raise ValueError(f"unknown job {job!r}")
             exit_code = summary["exit_code"]
+        except Interrupted as exc:
+            # SIGTERM mid-job: not a failure to alert on; catch-up at the next start reruns it.
+            exit_code, summary = EXIT_CANNOT_CHECK, {"exit_code": 3, "interrupted": True}
+            log.info("job_interrupted", detail=exc.one_line())
         except OpsError as exc:
             exit_code, summary = (
                 exc.exit_code,
@@ -189,8 +208,11 @@ class JobRunner:
     def _next_subset(self, store: StoreConfig, configured: Subset) -> Subset:
         """A fixed slice would hash the same files every night: rotate n through 1..t, so t
         successful runs cover every artifact (the config's n is where the rotation starts)."""
-        with StateDB(self.config.state_dir) as state:
-            last = state.last_job(store.state_key, "verify", success=True)
+        try:
+            with StateDB(self.config.state_dir) as state:
+                last = state.last_job(store.state_key, "verify", success=True)
+        except (OSError, sqlite3.Error):
+            last = None  # history unreadable (logged when the run is recorded)
         try:
             previous = Subset.parse(str(last.summary.get("subset"))) if last else None
         except OpsError:
@@ -211,14 +233,21 @@ class JobRunner:
     # -- after a job ----------------------------------------------------------------------
 
     def _record(self, store: StoreConfig, outcome: JobOutcome) -> None:
-        with StateDB(self.config.state_dir) as state:
-            state.record_job(
-                store.state_key,
-                outcome.job,
-                outcome.started,
-                outcome.finished,
-                outcome.exit_code,
-                outcome.summary,
+        """Add the run to the history; a state DB that cannot be written is logged, and the
+        job's findings, alerts and end ping still go out."""
+        try:
+            with StateDB(self.config.state_dir) as state:
+                state.record_job(
+                    store.state_key,
+                    outcome.job,
+                    outcome.started,
+                    outcome.finished,
+                    outcome.exit_code,
+                    outcome.summary,
+                )
+        except (OSError, sqlite3.Error) as exc:
+            get_logger("chachaml_ops.daemon", store=store.name, job=outcome.job).error(
+                "history_write_failed", state_dir=str(self.config.state_dir), error=str(exc)
             )
 
     def _log_and_alert(self, store: str, job: str, report: Report, log) -> None:
@@ -243,7 +272,8 @@ class JobRunner:
         with self._metrics_lock:
             self.watch_counts[key] = self.watch_counts.get(key, 0) + 1
         new = self.alerter.new_errors(store, [finding], complete=False)
-        self.alerter.webhook(store, "watch", new)
+        # Queued and batched: a hanging webhook must not hold the watcher (one file per timeout).
+        self.alerter.queue_webhook(store, new)
         self.write_metrics()
 
     def write_metrics(self) -> None:
@@ -258,7 +288,7 @@ class JobRunner:
                     for (s, k), n in self.watch_counts.items()
                 ]
                 metrics.write_textfile(path, metrics.render(samples))
-        except OSError as exc:
+        except (OSError, sqlite3.Error) as exc:
             get_logger("chachaml_ops.daemon").error(
                 "metrics_write_failed", path=str(path), error=str(exc)
             )
@@ -303,18 +333,22 @@ def collect_samples(state: StateDB, stores: Iterable[StoreConfig]) -> list[metri
             out.append(
                 metrics.Sample(f"{job}_duration_seconds", label, last.finished - last.started)
             )
+            out.append(metrics.Sample(f"{job}_last_exit_code", label, last.exit_code or 0))
             ok = state.last_job(store.state_key, job, success=True)
             if ok is not None and ok.finished is not None:
                 out.append(
                     metrics.Sample(f"{job}_last_success_timestamp_seconds", label, ok.finished)
                 )
-            s = last.summary
+            # Result gauges come from the last COMPLETE run (exit < 3): an interrupted or
+            # failed run must neither overwrite them with partial counts nor remove them.
+            s = ok.summary if ok is not None else {}
             if job == "verify" and "rows" in s:
                 out.append(metrics.Sample("artifacts", label, s["rows"]))
-            if job in ("verify", "orphans") and "by_kind" in s:
+            if job in ("verify", "orphans"):
+                by_kind = dict(s.get("by_kind") or {})
                 for kind in ("missing", "size_mismatch", "hash_mismatch", "orphan_file"):
-                    s["by_kind"].setdefault(kind, 0)  # a zero series, so alerts can see it fall
-                for kind, n in s["by_kind"].items():
+                    by_kind.setdefault(kind, 0)  # a zero series, so alerts can see it fall
+                for kind, n in by_kind.items():
                     out.append(metrics.Sample("findings", {**jl, "kind": kind}, n))
                 orphan_bytes = s.get("orphan_bytes", s.get("reclaimable_bytes"))
                 if orphan_bytes is not None:
@@ -349,7 +383,12 @@ def run_backup_adapter(
     policy = RetentionPolicy(0, cfg.keep_daily, cfg.keep_weekly, cfg.keep_monthly)
     with Store(store.db) as s:
         report, result, _ = backup_and_prune(
-            s, store.artifact_dir, cfg.dir, BackupOptions(compression=cfg.compression), policy
+            s,
+            store.artifact_dir,
+            cfg.dir,
+            BackupOptions(compression=cfg.compression),
+            policy,
+            should_stop=should_stop,
         )
     summary = {"exit_code": report.exit_code(), "by_kind": report.counts(), **result.stats()}
     return report, summary
@@ -379,8 +418,12 @@ def status_report(
     config: Config,
     daemon_doc: dict[str, Any] | None,
     by_schedule: dict[tuple[str, str], float | None],
+    due_at_start: Callable[[str, float | None], bool] | None = None,
 ) -> dict[str, Any]:
-    """Per store and task: the last run, the last success, and the next run."""
+    """Per store and task: the last run, the last success, and the next run.
+
+    `due_at_start(task, last_success_start)`: whether a daemon started now would run the job
+    at once (catch-up); shown instead of the schedule's next time when no daemon runs."""
     from_daemon = {
         (j["store"], j["job"]): j.get("next_run") for j in (daemon_doc or {}).get("jobs", [])
     }
@@ -403,11 +446,18 @@ def status_report(
                     nxt = from_daemon.get((store.name, task))
                 else:
                     nxt = by_schedule.get((store.name, task))
+                catch_up = bool(
+                    scheduled
+                    and daemon_doc is None
+                    and due_at_start is not None
+                    and due_at_start(task, ok.started if ok else None)
+                )
                 tasks[task] = {
                     "schedule": str(config.schedule(task)) if scheduled else None,
                     "last_run": _run_json(last),
                     "last_success": ok.finished if ok else None,
                     "next_run": nxt if scheduled else None,
+                    "catch_up_at_start": catch_up,
                 }
             stores.append({"name": store.name, "db": str(store.db), "jobs": tasks})
     return {

@@ -18,7 +18,7 @@ PREFIX = "chachaml_ops"
 HELP: Mapping[str, tuple[str, str]] = {
     "verify_last_success_timestamp_seconds": ("gauge", "End of the last verify that could check."),
     "verify_duration_seconds": ("gauge", "Wall time of the last verify."),
-    "artifacts": ("gauge", "Artifact rows seen by the last verify."),
+    "artifacts": ("gauge", "Artifact rows seen by the last complete verify."),
     "orphans_last_success_timestamp_seconds": (
         "gauge",
         "End of the last orphans run that could check.",
@@ -27,8 +27,11 @@ HELP: Mapping[str, tuple[str, str]] = {
     "backup_last_success_timestamp_seconds": ("gauge", "End of the last successful backup."),
     "backup_duration_seconds": ("gauge", "Wall time of the last backup."),
     "backup_size_bytes": ("gauge", "Size of the last successful backup archive."),
-    "findings": ("gauge", "Findings of the last run of a job, by kind."),
-    "orphan_bytes": ("gauge", "Bytes in orphan files found by the last run of a job."),
+    "findings": ("gauge", "Findings of the last complete run of a job, by kind."),
+    "orphan_bytes": ("gauge", "Bytes in orphan files found by the last complete run of a job."),
+    "verify_last_exit_code": ("gauge", "Exit code of the last verify (3: could not check)."),
+    "orphans_last_exit_code": ("gauge", "Exit code of the last orphans run (3: could not check)."),
+    "backup_last_exit_code": ("gauge", "Exit code of the last backup (3: failed)."),
     "job_last_exit_code": ("gauge", "Exit code of the last run of a job (3: could not check)."),
     "job_last_run_timestamp_seconds": ("gauge", "End of the last run of a job."),
     "watch_findings": ("gauge", "Findings logged by the file watcher since the daemon started."),

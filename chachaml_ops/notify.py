@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Mapping
 
 
@@ -49,7 +50,9 @@ class Notifier:
         return self.send("STOPPING=1", *([f"STATUS={status}"] if status else []))
 
     def reloading(self) -> bool:
-        return self.send("RELOADING=1")
+        # Type=notify-reload (systemd 253+) wants the reload's start time alongside.
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        return self.send("RELOADING=1", f"MONOTONIC_USEC={usec}")
 
 
 def _watchdog_interval(environ: Mapping[str, str]) -> float | None:

@@ -1,7 +1,7 @@
 """This tool's own small state: where it lives, per-store locks, and a SQLite of job history.
 
-Never the chachaml DB: everything here is under the state dir ($STATE_DIRECTORY under
-systemd, else the XDG state dir), so the user's store stays read-only.
+Never the chachaml DB: everything here is under the state dir (see default_state_dir), so the
+user's store stays read-only.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +30,51 @@ class StateDirUnusable(OpsError):
     """The state dir cannot be created or written."""
 
 
-def default_state_dir() -> Path:
-    """$STATE_DIRECTORY (systemd), else $XDG_STATE_HOME/chachaml-ops, else ~/.local/state."""
-    systemd = os.environ.get("STATE_DIRECTORY")
+# Where the daemon finds its config when not told (config.find_config uses the same two).
+CONFIG_ENV_VAR = "CHACHAML_OPS_CONFIG"
+SYSTEM_CONFIG = Path("/etc/chachaml-ops/config.toml")
+# The unit's StateDirectory=; a CLI run as the service user finds the daemon's state here.
+SYSTEM_STATE_DIR = Path("/var/lib/chachaml-ops")
+
+
+def default_state_dir(
+    environ: Mapping[str, str] = os.environ, *, consult_config: bool = True
+) -> Path:
+    """Where job history and locks live when no --state-dir is given. In order:
+
+    $STATE_DIRECTORY (systemd); the `state_dir` of the daemon's config ($CHACHAML_OPS_CONFIG,
+    else /etc/chachaml-ops/config.toml) when readable; /var/lib/chachaml-ops when it exists
+    and is writable by us; else $XDG_STATE_HOME/chachaml-ops (~/.local/state/chachaml-ops).
+    So `sudo -u chachaml-ops chachaml-ops backup` shares the daemon's lock and history.
+    """
+    systemd = environ.get("STATE_DIRECTORY")
     if systemd:
         return Path(systemd.split(":")[0])
-    xdg = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    if consult_config:
+        configured = _configured_state_dir(environ)
+        if configured is not None:
+            return configured
+    if SYSTEM_STATE_DIR.is_dir() and os.access(SYSTEM_STATE_DIR, os.W_OK | os.X_OK):
+        return SYSTEM_STATE_DIR
+    xdg = environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
     return Path(xdg) / "chachaml-ops"
+
+
+def _configured_state_dir(environ: Mapping[str, str]) -> Path | None:
+    """The `state_dir` of the config the daemon would load; None when none is readable.
+
+    Only that one key is read (leniently): a broken config is `config check`'s business."""
+    import tomllib
+
+    path = Path(environ[CONFIG_ENV_VAR]) if environ.get(CONFIG_ENV_VAR) else SYSTEM_CONFIG
+    try:
+        value = tomllib.loads(path.read_bytes().decode("utf-8")).get("state_dir")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    if not isinstance(value, str) or not value:
+        return None
+    text = os.path.expanduser(value)
+    return Path(text) if os.path.isabs(text) else path.resolve().parent / text
 
 
 def store_key(db: Path) -> str:
@@ -62,7 +100,7 @@ def store_lock(
     except OSError as exc:
         raise StateDirUnusable(
             f"cannot use the state dir {state_dir}: {exc.strerror}",
-            "pass --state-dir DIR (or set STATE_DIRECTORY) to a writable folder",
+            "use a writable state dir (--state-dir, STATE_DIRECTORY, or state_dir in the config)",
         ) from None
     try:
         deadline = None if wait is None else time.monotonic() + wait
@@ -78,7 +116,8 @@ def store_lock(
                     raise StoreBusy(
                         f"another chachaml-ops job is working on {db}"
                         + (f" ({other})" if other else ""),
-                        "wait for it to finish, or pass --wait SECONDS",
+                        "wait for it to finish, or allow a longer wait"
+                        " (--wait, or lock_wait in the config)",
                     ) from None
                 time.sleep(0.1)
         os.ftruncate(fd, 0)

@@ -139,13 +139,16 @@ class Store:
 
     def _check_file(self) -> None:
         if not os.fspath(self.db):
-            raise StoreNotFound("--db is empty", "pass --db PATH to a chachaml.db")
+            raise StoreNotFound(
+                "--db is empty", "point --db (or db in the daemon config) at a chachaml.db"
+            )
         try:
             # O_NONBLOCK: a FIFO at --db must not hang the check
             fd = os.open(self.db, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             raise StoreNotFound(
-                f"no database at {self.db}", "pass --db PATH to a chachaml.db"
+                f"no database at {self.db}",
+                "point --db (or db in the daemon config) at a chachaml.db",
             ) from None
         except OSError as exc:
             raise StoreNotFound(
@@ -157,17 +160,19 @@ class Store:
                 raise IsADirectoryError
             if not stat.S_ISREG(st.st_mode):
                 raise NotSQLite(
-                    f"{self.db} is not a regular file", "pass --db PATH to a chachaml.db"
+                    f"{self.db} is not a regular file",
+                    "point --db (or db in the daemon config) at a chachaml.db",
                 )
             head = os.pread(fd, len(SQLITE_MAGIC), 0)
         except FileNotFoundError:
             raise StoreNotFound(
-                f"no database at {self.db}", "pass --db PATH to a chachaml.db"
+                f"no database at {self.db}",
+                "point --db (or db in the daemon config) at a chachaml.db",
             ) from None
         except IsADirectoryError:
             raise NotSQLite(
                 f"{self.db} is a directory, not a SQLite file",
-                "pass --db PATH to the chachaml.db file inside it",
+                "point --db (or db in the daemon config) at the chachaml.db file inside it",
             ) from None
         except OSError as exc:
             raise StoreNotFound(
@@ -178,7 +183,7 @@ class Store:
         if head != SQLITE_MAGIC:
             raise NotSQLite(
                 f"{self.db} is not a SQLite database",
-                "pass --db PATH to the chachaml metadata DB (usually chachaml.db)",
+                "point --db (or db in the daemon config) at the chachaml metadata DB (chachaml.db)",
             )
 
     def _guard(self, fn, *args):

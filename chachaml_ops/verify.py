@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chachaml_ops.errors import ArtifactDirMissing, UsageError
+from chachaml_ops.errors import ArtifactDirMissing, Interrupted, UsageError
 from chachaml_ops.hashing import Digest, NotRegularFile, OutsideTree, RateLimit, sha256_file
 from chachaml_ops.layout import (
     ArtifactTree,
@@ -224,6 +224,7 @@ class _Context:
     pid: int = 0
     progress: ProgressFn | None = None  # inline only: workers report per batch
     root_problem: str | None = None  # the artifact dir itself could not be listed
+    stop: StopFn | None = None  # asked per chunk inside a file too (a 20 GiB file is minutes)
 
     def open(self) -> _Context:
         """Per-process connections: SQLite handles must never cross a fork."""
@@ -254,7 +255,8 @@ def check_store(
         what = "is not a folder" if os.path.lexists(artifact_dir) else "does not exist"
         raise ArtifactDirMissing(
             f"artifact dir {artifact_dir} {what}",
-            "pass --artifact-dir DIR (chachaml derives it from the DB name)",
+            "set the artifact dir (--artifact-dir, or artifact_dir in the config);"
+            " chachaml derives it from the DB name",
         )
     tree = ArtifactTree(Path(artifact_dir))
     store.reset_scratch()
@@ -276,6 +278,7 @@ def check_store(
             throttle=RateLimit(opts.max_rate) if opts.max_rate else None,
             marks_key=marks_key,
             state_dir=state_dir,
+            stop=should_stop,
         )
         strays, batches = _plan(store, tree, opts, ctx)
         if ctx.root_problem is not None:
@@ -451,6 +454,7 @@ def _worker_init() -> None:
 def _worker_batch(batch: _Batch) -> _BatchResult:
     assert _WORKER_CONTEXT is not None
     _WORKER_CONTEXT.progress = None
+    _WORKER_CONTEXT.stop = None  # the parent's flag does not reach a forked copy
     return _check_batch(_WORKER_CONTEXT.open(), batch, None, lambda: False, CheckStats())
 
 
@@ -509,10 +513,10 @@ def _check_batch(
             stats.bytes_deferred += pending.st.st_size
             continue
         if pool is None:  # hashed in order right here: no window to keep
-            pending.result = _hash(tree, pending, opts, ctx.throttle)
+            pending.result = _hash(tree, pending, opts, ctx.throttle, ctx.stop)
             _settle(ctx, pending, marks, res)
             continue
-        pending.future = pool.submit(_hash, tree, pending, opts, ctx.throttle)
+        pending.future = pool.submit(_hash, tree, pending, opts, ctx.throttle, ctx.stop)
         window.append(pending)
         while window and (len(window) > depth or _ready(window[0])):
             _settle(ctx, window.popleft(), marks, res)
@@ -584,6 +588,11 @@ def _still_good(mark: VerifyMark, pending: _Pending, now: float, opts: CheckOpti
 
 
 def _settle(ctx: _Context, pending: _Pending, marks: dict[str, VerifyMark], res) -> None:
+    result = pending.result if pending.future is None else pending.future.result()
+    if isinstance(result, Interrupted):
+        # Stopped part way through this file: no finding, and its mark stays as it was.
+        res.stats.interrupted = True
+        return
     good = _finish(pending, res.stats, res.findings)
     if ctx.progress is not None:
         ctx.progress(res.stats)
@@ -720,6 +729,7 @@ def _hash(
     pending: _Pending,
     opts: CheckOptions,
     throttle: Callable[[int], None] | None = None,
+    stop: StopFn | None = None,
 ) -> Digest | BaseException:
     try:
         return sha256_file(
@@ -728,8 +738,9 @@ def _hash(
             drop_cache=opts.drop_cache,
             confine=True,
             throttle=throttle,
+            should_stop=stop,
         )
-    except OSError as exc:
+    except (OSError, Interrupted) as exc:
         return exc
 
 

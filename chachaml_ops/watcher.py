@@ -6,10 +6,12 @@ events (queue overflow, no inotify watches left) fall back to a full rescan of t
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import queue
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -42,6 +44,9 @@ RescanFn = Callable[[str, str], None]
 # File systems where inotify sees only local changes (or nothing): poll them instead.
 NO_INOTIFY = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "lustre", "gpfs")
 _QUEUE_LIMIT = 100_000
+# How often the root is checked while watched, and the longest wait between retries while gone.
+SUPERVISE_S = 1.0
+MAX_RETRY_S = 60.0
 _OVERFLOW_LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify")
 
 
@@ -138,14 +143,44 @@ class StoreWatcher:
         self._rescan_asked = 0.0
         self._spotter = _OverflowSpotter(self._lost_events)
         self._worker = threading.Thread(target=self._work, name=f"watch-{store.name}", daemon=True)
+        self._supervisor = threading.Thread(
+            target=self._supervise, name=f"watch-root-{store.name}", daemon=True
+        )
+        self._root: tuple[int, int] | None = None
 
     # -- starting and stopping --------------------------------------------------------------
 
     def start(self) -> None:
+        """Start watching; a missing artifact dir is retried (with backoff) until it appears."""
         root = self.store.artifact_dir
-        if not root.is_dir():
-            self.log.warning("watch_skipped", reason=f"artifact dir {root} does not exist")
-            return
+        # watchdog does not say which watch overflowed, so every watched store rescans; the
+        # level is pinned so a quiet log_level cannot swallow the signal.
+        for name in _OVERFLOW_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+            logging.getLogger(name).addHandler(self._spotter)
+        if root.is_dir():
+            try:
+                self._watch()
+            except OSError as exc:
+                self.log.error("watch_failed", error=str(exc), action="retrying")
+        else:
+            self.log.warning(
+                "watch_root_gone", path=str(root), reason="missing at start", action="retrying"
+            )
+        self._worker.start()
+        self._supervisor.start()
+
+    def _root_identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.store.artifact_dir)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+
+    def _watch(self) -> None:
+        """Start an observer on the root as it is now (raises OSError when it cannot)."""
+        root = self.store.artifact_dir
+        self._root = self._root_identity()
         fstype = filesystem_type(root)
         polling = self.config.polling or fstype in NO_INOTIFY or fstype.startswith("fuse")
         handler = _Hints(os.fspath(root), self.hints, self._lost_events)
@@ -165,13 +200,48 @@ class StoreWatcher:
         if polling:
             self.observer = self._start(PollingObserver(timeout=self.config.poll_interval), handler)
             self.mode = "polling"
-        # watchdog does not say which watch overflowed, so every watched store rescans; the
-        # level is pinned so a quiet log_level cannot swallow the signal.
-        for name in _OVERFLOW_LOGGERS:
-            logging.getLogger(name).setLevel(logging.WARNING)
-            logging.getLogger(name).addHandler(self._spotter)
-        self._worker.start()
         self.log.info("watch_started", path=str(root), mode=self.mode, fs=fstype or "unknown")
+
+    def _unwatch(self) -> None:
+        if self.observer is not None:
+            with contextlib.suppress(Exception):  # an observer whose root vanished may be dead
+                self.observer.stop()
+                self.observer.join(timeout=5)
+            self.observer = None
+
+    def _supervise(self) -> None:
+        """Notice the root vanishing or being replaced (rm -rf, mv): log it, retry with backoff
+        until it is back, then watch again and rescan what happened meanwhile."""
+        wait = SUPERVISE_S
+        while not self.stopping.wait(wait):
+            ident = self._root_identity()
+            if self.observer is not None:
+                if ident == self._root:
+                    wait = SUPERVISE_S
+                    continue
+                self.log.warning(
+                    "watch_root_gone",
+                    path=str(self.store.artifact_dir),
+                    reason="removed" if ident is None else "replaced (moved)",
+                    action="retrying",
+                )
+                self._unwatch()
+                self._lost_events("the artifact dir was moved or removed")
+                wait = SUPERVISE_S
+                if ident is None:
+                    continue
+            if ident is None:
+                wait = min(wait * 2, MAX_RETRY_S)  # still gone: back off
+                continue
+            try:
+                self._watch()
+            except OSError as exc:
+                self.log.warning("watch_retry_failed", error=str(exc))
+                wait = min(wait * 2, MAX_RETRY_S)
+                continue
+            self._rescan_asked = 0.0  # the rescan after a return must not be swallowed
+            self._lost_events("the artifact dir is back")
+            wait = SUPERVISE_S
 
     def _start(self, observer, handler):
         observer.schedule(handler, os.fspath(self.store.artifact_dir), recursive=True)
@@ -182,9 +252,9 @@ class StoreWatcher:
         self.stopping.set()
         for name in _OVERFLOW_LOGGERS:
             logging.getLogger(name).removeHandler(self._spotter)
-        if self.observer is not None:
-            self.observer.stop()
-            self.observer.join(timeout=5)
+        if self._supervisor.is_alive():
+            self._supervisor.join(timeout=5)
+        self._unwatch()
         if self._worker.is_alive():
             self._worker.join(timeout=5)
 
@@ -200,6 +270,7 @@ class StoreWatcher:
 
     def _work(self) -> None:
         store: Store | None = None
+        failing = False  # in a failure episode (e.g. the DB locked): logged once
         tree = ArtifactTree(self.store.artifact_dir)
         try:
             while not self.stopping.is_set():
@@ -213,11 +284,16 @@ class StoreWatcher:
                     tree.forget()
                     for relpath in due:
                         self._check(store, tree, relpath)
+                    if failing:
+                        self.log.info("watch_check_recovered")
+                        failing = False
                 except Exception as exc:
                     # The DB is locked or gone for a moment (or a bug): keep the hints, retry
                     # soon, and keep watching; the scheduled full scan stays the safety net.
                     if isinstance(exc, OpsError):
-                        self.log.warning("watch_check_failed", error=exc.one_line())
+                        if not failing:  # once per episode, not once per retry
+                            self.log.warning("watch_check_failed", error=exc.one_line())
+                        failing = True
                     else:
                         self.log.exception("watch_check_crashed")
                     for relpath in due:

@@ -131,7 +131,7 @@ def test_config_errors_are_all_listed_in_one_run(tmp_path):
             state_dri = "{tmp_path}/state"
             [[store]]
             name = "main"
-            db = "{tmp_path}/no-such.db"
+            db = "{tmp_path}"
             [verify]
             schedule = "0 25 * * *"
             """
@@ -145,7 +145,7 @@ def test_config_errors_are_all_listed_in_one_run(tmp_path):
         ln.strip().startswith("state_dri: unknown key") and "did you mean 'state_dir'" in ln
         for ln in lines
     )
-    assert any(ln.strip().startswith("store[0].db: no database file at") for ln in lines)
+    assert any(ln.strip().startswith(f"store[0].db: {tmp_path} is not a file") for ln in lines)
     assert any(ln.strip().startswith("verify.schedule: hour: 25 is outside 0-23") for ln in lines)
 
 
@@ -154,7 +154,6 @@ def test_daemon_with_a_bad_config_exits_3_before_starting(tmp_path):
     config.write_text('[[store]]\nname = "x"\ndb = "nowhere.db"\n[watch]\nenabled = "yes"\n')
     result = run_cli("daemon", "--config", config, timeout=30)
     assert result.code == 3
-    assert "store[0].db: no database file" in result.stderr
     assert "watch.enabled: must be true or false" in result.stderr
 
 
@@ -372,6 +371,10 @@ def test_notifier_reaches_an_abstract_socket_and_is_a_no_op_without_one():
         sock.settimeout(2)
         assert Notifier({"NOTIFY_SOCKET": "@" + name}).ready("up")
         assert sock.recv(4096) == b"READY=1\nSTATUS=up"
+        before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        assert Notifier({"NOTIFY_SOCKET": "@" + name}).reloading()
+        head, usec = sock.recv(4096).decode().split("\nMONOTONIC_USEC=")
+        assert head == "RELOADING=1" and 0 <= int(usec) - before < 2_000_000
     assert not Notifier({}).ready()
     assert Notifier({"WATCHDOG_USEC": "4000000"}).watchdog_interval == 2.0
 
@@ -709,3 +712,360 @@ def test_config_error_lists_each_problem_on_its_own_line():
     keys = [p.key for p in info.value.problems]
     assert keys == ["store[0].name", "store[0].db", "bogus"]
     assert str(info.value).count("\n") == 3
+
+
+# -- review fixes -------------------------------------------------------------------------
+
+
+def _plant_huge_artifact(store, size: int = 64 << 30) -> Path:
+    """Turn one artifact into a sparse file of `size` bytes (its row says so too): reading
+    it takes far longer than any stop may wait."""
+    import sqlite3
+
+    aid, run_id, name = store.artifacts[0]
+    path = store.artifact_dir / run_id / name
+    with open(path, "wb") as fh:
+        fh.truncate(size)
+    conn = sqlite3.connect(store.db)
+    with conn:
+        conn.execute("UPDATE artifacts SET size = ? WHERE id = ?", (size, aid))
+    conn.close()
+    return path
+
+
+@pytest.mark.parametrize("job", ["verify", "backup"])
+def test_sigterm_inside_one_huge_file_exits_0_within_seconds(tmp_path, clean_store, job):
+    if job == "backup":
+        pytest.importorskip("chachaml_ops.backup")
+    _plant_huge_artifact(clean_store)
+    backups = tmp_path / "backups"
+    extra = f'[{job}]\nschedule = "{NIGHTLY}"\n'
+    # zstd: the zeros compress to almost nothing, so the test writes little to disk.
+    extra += "jobs = 1\n" if job == "verify" else f'dir = "{backups}"\ncompression = "zstd"\n'
+    config = write_config(tmp_path / "c.toml", clean_store, state=tmp_path / "st", extra=extra)
+    with DaemonProcess(config) as daemon:
+        daemon.event("job_started", job=job, timeout=30)
+        time.sleep(1.0)  # well inside the huge file by now
+        t0 = time.monotonic()
+        assert daemon.stop(timeout=10) == 0
+        assert time.monotonic() - t0 < 5
+        finished = daemon.event("job_finished", job=job, timeout=1)
+        assert finished["exit_code"] == 3 and finished["interrupted"] is True
+    with StateDB(tmp_path / "st") as state:
+        key = load_config(config).stores[0].state_key
+        assert state.last_job(key, job, success=True) is None  # catch-up reruns it
+    if job == "backup":
+        assert list(backups.iterdir()) == []  # the partial archive is gone, nothing else made
+
+
+@pytest.fixture
+def trickle_server():
+    """Answers every request with one byte every 0.3 s, forever: per-read timeouts never fire."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000:
+                if stop.is_set():
+                    return
+                conn.sendall(bytes([byte]))
+                time.sleep(0.3)
+
+    def accept() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                conn, _ = listener.accept()
+                threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    stop.set()
+    listener.close()
+
+
+def test_a_trickling_alert_server_costs_a_job_at_most_the_timeout_per_request(
+    tmp_path, clean_store, trickle_server
+):
+    config = _config(
+        tmp_path, clean_store, f'[alerts]\nping_url = "{trickle_server}/ping"\ntimeout = "1s"\n'
+    )
+    t0 = time.monotonic()
+    outcome = JobRunner(config, lambda: False).run("main", "orphans")
+    assert outcome.exit_code == 0
+    assert time.monotonic() - t0 < 6  # two pings of at most 1 s each, plus the job
+
+
+def test_watcher_findings_reach_the_webhook_in_one_batch_without_blocking(
+    tmp_path, clean_store, http_server, trickle_server
+):
+    from chachaml_ops.report import Finding
+
+    url = f"http://127.0.0.1:{http_server.server_port}"
+    config = _config(tmp_path, clean_store, f'[alerts]\nwebhook_url = "{url}/hook"\n')
+    runner = JobRunner(config, lambda: False)
+    runner.alerter.batch_window = 0.5
+    for i in range(5):
+        runner.watch_finding("main", Finding("missing", f"r/f{i}", "gone"))
+    deadline = time.monotonic() + 5
+    while not http_server.requests and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.7)
+    runner.close()
+    assert len(http_server.requests) == 1
+    assert len(json.loads(http_server.requests[0][1])["findings"]) == 5
+    # A hanging webhook: the watcher's calls still return at once.
+    config = _config(tmp_path, clean_store, f'[alerts]\nwebhook_url = "{trickle_server}"\n')
+    runner = JobRunner(config, lambda: False)
+    t0 = time.monotonic()
+    for i in range(20):
+        runner.watch_finding("main", Finding("missing", f"r/g{i}", "gone"))
+    assert time.monotonic() - t0 < 2
+    runner.close()
+
+
+def test_cli_state_dir_resolution_order(tmp_path, monkeypatch, clean_store):
+    from chachaml_ops import state
+
+    system_config = tmp_path / "etc" / "config.toml"
+    system_state = tmp_path / "varlib"
+    monkeypatch.setattr(state, "SYSTEM_CONFIG", system_config)
+    monkeypatch.setattr(state, "SYSTEM_STATE_DIR", system_state)
+    env = {"XDG_STATE_HOME": str(tmp_path / "xdg")}
+    assert state.default_state_dir(env) == tmp_path / "xdg" / "chachaml-ops"
+    system_state.mkdir()
+    assert state.default_state_dir(env) == system_state
+    system_config.parent.mkdir()
+    system_config.write_text('state_dir = "from-etc"\n[[store]]\n')
+    assert state.default_state_dir(env) == system_config.parent / "from-etc"
+    env_config = write_config(tmp_path / "c.toml", clean_store, state=tmp_path / "from-env")
+    env[state.CONFIG_ENV_VAR] = str(env_config)
+    assert state.default_state_dir(env) == tmp_path / "from-env"
+    env["STATE_DIRECTORY"] = str(tmp_path / "systemd")
+    assert state.default_state_dir(env) == tmp_path / "systemd"
+    # A CLI job with the daemon's config in the environment records into its state dir.
+    result = run_cli(
+        "orphans", "--db", clean_store.db, env={**os.environ, state.CONFIG_ENV_VAR: str(env_config)}
+    )
+    assert result.code == 0, result.stderr
+    with StateDB(tmp_path / "from-env") as history:
+        assert history.last_job(state.store_key(clean_store.db), "orphans") is not None
+
+
+@contextlib.contextmanager
+def _immutable(path: Path):
+    """chattr +i: even root cannot write it (skips where chattr is not allowed)."""
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i not available here (needs root on ext4/xfs)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_config_check_refuses_a_state_dir_that_cannot_be_created(tmp_path, clean_store):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    config = write_config(tmp_path / "c.toml", clean_store, state=blocker / "state")
+    result = run_cli("config", "check", config)
+    assert result.code == 3
+    assert f"state_dir: cannot be created: {blocker} is not a folder" in result.stderr
+
+
+def test_an_unwritable_state_db_fails_the_start_with_exit_3_and_never_loses_a_job(
+    tmp_path, store_factory, http_server
+):
+    store = store_factory(["bit_rot"])
+    base = f"http://127.0.0.1:{http_server.server_port}"
+    config = _config(
+        tmp_path,
+        store,
+        f'[verify]\nmin_age = "0s"\n[metrics]\ntextfile = "{tmp_path}/m.prom"\n'
+        f'[alerts]\nping_url = "{base}/ping"\nwebhook_url = "{base}/hook"\n',
+    )
+    StateDB(config.state_dir).close()
+    with _immutable(config.state_dir / "state.db"):
+        result = run_cli("daemon", "--config", config.source, timeout=20)
+        assert result.code == 3
+        assert result.stderr.startswith(f"Error: {config.source}: state_dir: ")
+        assert "state.db is not writable" in result.stderr
+        assert len(result.stderr.splitlines()) == 1  # one line, no traceback
+        # At run time (the file became unwritable later): findings, alert and end ping survive.
+        outcome = JobRunner(config, lambda: False).run("main", "verify")
+    assert outcome.exit_code == 2
+    paths = [p.split("?")[0] for p, _ in http_server.requests]
+    assert paths == ["/ping/start", "/hook", "/ping/2"]
+
+
+@pytest.mark.parametrize(
+    ("snippet", "key", "text"),
+    [
+        ("store = []", "store", "lists no store"),
+        ("[alerts]\ntimeout = inf", "alerts.timeout", "finite"),
+        ('[alerts]\ntimeout = "0s"', "alerts.timeout", "more than zero"),
+        ("[watch]\ndebounce = nan", "watch.debounce", "finite"),
+        ('[watch]\npoll_interval = "0s"', "watch.poll_interval", "more than zero"),
+        ('[verify]\nschedule = "0 0 31 2 *"', "verify.schedule", "never fires"),
+        ('[verify]\nschedule = "@daily"', "verify.schedule", '"0 0 * * *"'),
+        ('log_level = "loud"', "log_level", "; e.g."),
+        ('[backup]\ncompression = "xz"', "backup.compression", "; e.g."),
+        ("[verify]\njobs = 0", "verify.jobs", "; files hashed"),
+        ('[verify]\nquick = "yes"', "verify.quick", "; true"),
+        ("[backup]\nkeep_daily = -1", "backup.keep_daily", "; archives kept"),
+        ('[watch]\nenabled = "true"', "watch.enabled", "; true or false"),
+    ],
+)
+def test_config_rejects_useless_values_with_a_hint(tmp_path, clean_store, snippet, key, text):
+    import tomllib
+
+    body = f'state_dir = "{tmp_path}/st"\n'
+    if not snippet.startswith("["):  # a top-level key goes before the tables
+        body, snippet = body + snippet + "\n", ""
+    if "store" not in body:
+        body += f'[[store]]\nname = "main"\ndb = "{clean_store.db}"\n'
+    doc = tomllib.loads(body + snippet + "\n")
+    with pytest.raises(ConfigError) as caught:
+        parse_config(doc, tmp_path / "c.toml")
+    problem = next(p for p in caught.value.problems if p.key == key)
+    assert text in str(problem) and problem.hint, str(problem)
+
+
+def test_config_file_problems_and_a_duplicate_db_name_the_right_things(tmp_path, clean_store):
+    assert "is a folder" in run_cli("config", "check", tmp_path).stderr
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes(b"# caf\xe9\n")
+    assert "save the file as UTF-8" in run_cli("config", "check", latin).stderr
+    body = "".join(f'[[store]]\nname = "{n}"\ndb = "{clean_store.db}"\n' for n in ("a", "b", "c"))
+    with pytest.raises(ConfigError) as caught:
+        parse_config(__import__("tomllib").loads(body), tmp_path / "c.toml")
+    texts = [str(p) for p in caught.value.problems]
+    assert texts == [
+        f"store[1].db: {clean_store.db} is also store 'a'; list each store once",
+        f"store[2].db: {clean_store.db} is also store 'a'; list each store once",
+    ]
+
+
+def test_a_missing_store_db_only_fails_that_stores_jobs(tmp_path, clean_store):
+    config = write_config(
+        tmp_path / "c.toml",
+        clean_store,
+        state=tmp_path / "st",
+        extra=f"""
+        [[store]]
+        name = "later"
+        db = "{tmp_path}/not-yet.db"
+        [orphans]
+        schedule = "{NIGHTLY}"
+        """,
+    )
+    check = run_cli("config", "check", config)
+    assert check.code == 0 and "no database file yet" in check.stdout
+    with DaemonProcess(config) as daemon:
+        assert daemon.event("store_db_missing")["store"] == "later"
+        assert daemon.event("job_finished", store="later", job="orphans")["exit_code"] == 3
+        assert daemon.event("job_finished", store="main", job="orphans")["exit_code"] == 0
+        assert daemon.stop() == 0
+    assert not any("Running job" in line for line in daemon.raw)  # APScheduler kept quiet
+    status = run_cli("status", "--config", config, "--json")
+    assert status.code == 0, status.stderr
+
+
+def test_status_with_empty_state_says_jobs_run_at_daemon_start(tmp_path, clean_store):
+    config = write_config(
+        tmp_path / "c.toml",
+        clean_store,
+        state=tmp_path / "st",
+        extra=f'[verify]\nschedule = "{NIGHTLY}"\n',
+    )
+    text = run_cli("status", "--config", "c.toml", cwd=tmp_path)
+    assert text.code == 0, text.stderr
+    assert "verify   last: never ran; next: when the daemon starts (catch-up)" in text.stdout
+    doc = run_cli("status", "--config", "c.toml", "--json", cwd=tmp_path).json()
+    assert doc["config"] == str(config)  # absolute, though given relative
+    assert doc["stores"][0]["jobs"]["verify"]["catch_up_at_start"] is True
+
+
+def test_watcher_survives_its_root_vanishing_and_waits_for_a_missing_one(tmp_path, clean_store):
+    config = write_config(
+        tmp_path / "c.toml",
+        clean_store,
+        state=tmp_path / "st",
+        extra='[watch]\nenabled = true\ndebounce = "0.2s"\n',
+    )
+    root = clean_store.artifact_dir
+    away = tmp_path / "away"
+    root.rename(away)
+    with DaemonProcess(config) as daemon:
+        assert daemon.event("watch_root_gone")["reason"] == "missing at start"
+        away.rename(root)
+        daemon.event("watch_started", timeout=10)
+        daemon.event("watch_events_lost", reason="the artifact dir is back", timeout=5)
+        shutil.rmtree(root)  # rm -rf, then the operator restores it
+        assert daemon.event("watch_root_gone", reason="removed", timeout=10)
+        root.mkdir()
+        assert len([e for e in daemon.events if e.get("event") == "watch_started"]) == 1
+        daemon.wait_for(
+            lambda e: (
+                e.get("event") == "watch_started"
+                and len([x for x in daemon.events if x.get("event") == "watch_started"]) == 2
+            ),
+            timeout=10,
+        )
+        run_id = next(iter(clean_store.runs.values()))
+        writer = ChachamlWriter(clean_store.db, root)
+        writer.log_artifact(run_id, "after/weights.bin", b"A" * 4096)
+        (root / run_id / "after" / "weights.bin").write_bytes(b"B" * 4096)
+        writer.close()
+        assert daemon.event("finding", kind="hash_mismatch", timeout=10)["store"] == "main"
+        assert daemon.stop() == 0
+
+
+def test_an_interrupted_run_keeps_the_last_complete_runs_gauges(tmp_path, store_factory):
+    store = store_factory(["bit_rot"])
+    prom = tmp_path / "m.prom"
+    config = _config(tmp_path, store, f'[verify]\njobs = 1\n[metrics]\ntextfile = "{prom}"\n')
+    assert JobRunner(config, lambda: False).run("main", "verify").exit_code == 2
+    complete = prom.read_text()
+    calls = iter(range(10_000))
+    interrupted = JobRunner(config, lambda: next(calls) > 3).run("main", "verify")
+    assert interrupted.summary["interrupted"] is True
+    after = prom.read_text()
+
+    def line(text: str, head: str) -> str:
+        return next(ln for ln in text.splitlines() if ln.startswith(head))
+
+    for head in (
+        'chachaml_ops_findings{job="verify",kind="hash_mismatch",store="main"}',
+        'chachaml_ops_findings{job="verify",kind="missing",store="main"}',
+        'chachaml_ops_artifacts{store="main"}',
+        'chachaml_ops_verify_last_success_timestamp_seconds{store="main"}',
+    ):
+        assert line(after, head) == line(complete, head)
+    assert line(complete, 'chachaml_ops_verify_last_exit_code{store="main"}').endswith(" 2")
+    assert line(after, 'chachaml_ops_verify_last_exit_code{store="main"}').endswith(" 3")
+    # Watch counts are handed to the next runner at a reload, not reset.
+    from chachaml_ops.report import Finding
+
+    first = JobRunner(config, lambda: False)
+    first.watch_finding("main", Finding("missing", "r/x", "gone"))
+    JobRunner(config, lambda: False, watch_counts=first.watch_counts).write_metrics()
+    assert 'chachaml_ops_watch_findings{kind="missing",store="main"} 1' in prom.read_text()
+
+
+def test_sigterm_while_a_ping_trickles_exits_0_at_once(tmp_path, clean_store, trickle_server):
+    config = write_config(
+        tmp_path / "c.toml",
+        clean_store,
+        state=tmp_path / "st",
+        extra=f'[orphans]\nschedule = "{NIGHTLY}"\n'
+        f'[alerts]\nping_url = "{trickle_server}/p"\ntimeout = "60s"\n',
+    )
+    with DaemonProcess(config) as daemon:
+        daemon.event("daemon_started")
+        time.sleep(1.0)  # the start ping is trickling in now
+        t0 = time.monotonic()
+        assert daemon.stop(timeout=10) == 0
+        assert time.monotonic() - t0 < 5
+    assert daemon.event("job_skipped", timeout=1)["reason"] == "daemon stopping"
+    assert not any(e.get("event") == "job_finished" for e in daemon.events)
