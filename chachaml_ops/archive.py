@@ -301,7 +301,9 @@ def open_archive(archive: Path) -> int:
     try:
         fd = os.open(archive, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        raise NotOurArchive(f"cannot open {archive}: {exc.strerror}") from None
+        raise NotOurArchive(
+            f"cannot open {archive}: {exc.strerror}", "check the path and its permissions"
+        ) from None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
@@ -347,7 +349,9 @@ def scan_archive(
         except _STREAM_ERRORS as exc:
             if not recognisable:
                 raise NotOurArchive(
-                    f"{archive} is not a tar archive ({compression}): {exc}",
+                    f"{archive} is not a tar archive"
+                    + (f" ({compression} stream)" if compression != "none" else "")
+                    + f": {exc}",
                     "pass a chachaml-*.tar[.zst|.gz] written by chachaml-ops backup",
                 ) from None
             scan.start_damage = f"its first header cannot be read ({exc or type(exc).__name__})"

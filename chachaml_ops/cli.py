@@ -135,8 +135,9 @@ def lock_options(fn):
         "--state-dir",
         type=click.Path(path_type=Path, file_okay=False),
         default=None,
-        help="Locks and job history (share it with the daemon). "
-        "Default: $STATE_DIRECTORY or ~/.local/state/chachaml-ops.",
+        help="Locks and job history (share it with the daemon). Default: $STATE_DIRECTORY, "
+        "else the daemon config's state_dir, else /var/lib/chachaml-ops if writable, "
+        "else ~/.local/state/chachaml-ops.",
     )
     @functools.wraps(fn)
     def wrapper(wait: float, state_dir: Path | None, **kwargs):
@@ -204,6 +205,14 @@ def _emit(report: Report, as_json: bool, **text_opts) -> None:
         out.flush()
     else:
         click.echo(render_text(report, colour=_colour(), **text_opts), nl=False)
+
+
+def _verify_job_name(quick: bool, runs: tuple[str, ...]) -> str:
+    """History name of a CLI verify: only a full check of every run counts as 'verify', so a
+    quick or partial run never stands in for the daemon's full one (catch-up, metrics)."""
+    if quick:
+        return "verify-quick"
+    return "verify-runs" if runs else "verify"
 
 
 def _check_runs(store: Store, artifact_dir: Path, runs: tuple[str, ...]) -> None:
@@ -310,6 +319,8 @@ def verify(
       chachaml-ops verify --db /srv/ml/chachaml.db --json > report.json
       chachaml-ops verify --db /srv/ml/chachaml.db --max-age 7d --max-duration 2h
     """
+    if max_duration is not None and max_duration <= 0:
+        raise UsageError("--max-duration must be more than 0", "e.g. --max-duration 2h")
     if quick and subset:
         raise UsageError(
             "--quick hashes nothing, so --subset has nothing to select", "drop one of them"
@@ -331,7 +342,7 @@ def verify(
     progress = _Progress()
     log = logs.get_logger(store=str(db), job="verify")
     with (
-        locked_job(state_dir, db, "verify", wait=wait) as outcome,
+        locked_job(state_dir, db, _verify_job_name(quick, runs), wait=wait) as outcome,
         Store(db, busy_timeout_ms=busy_timeout) as store,
     ):
         _check_runs(store, artifact_dir, opts.run_ids)
@@ -851,7 +862,11 @@ def restore(archive, target, force, include_orphans, jobs, as_json):
             click.echo()
             _emit(result.verify, False)
     if not result.restored:
-        click.echo(f"Error: {archive} is damaged; nothing was restored to {target}", err=True)
+        click.echo(
+            f"Error: {archive} is damaged; nothing was restored to {target}; "
+            "run verify-backup on it for the details, or restore an older archive",
+            err=True,
+        )
     elif errors:
         click.echo(
             f"Note: restored to {target}, but the store already had {errors} error finding(s)"

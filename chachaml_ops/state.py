@@ -290,7 +290,7 @@ def locked_job(
     (a job that could not check is recorded with exit 3 and its error)."""
     started = time.time()
     outcome = JobOutcome()
-    with store_lock(state_dir, db, wait=wait, holder=f"{job} (pid {os.getpid()})"):
+    with store_lock(state_dir, db, wait=wait, holder=f"chachaml-ops {job}"):
         try:
             yield outcome
         except OpsError as exc:

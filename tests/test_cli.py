@@ -265,3 +265,16 @@ def test_verify_and_orphans_wait_for_the_store_lock_and_record_history(tmp_path,
     with StateDB(private_state_dir) as history:
         last = history.last_job(store_key(store.db), "verify")
     assert last is not None and last.exit_code == 0 and last.summary["rows"] > 0
+
+
+def test_quick_verify_never_stands_in_for_a_full_one_in_the_history(tmp_path, private_state_dir):
+    from chachaml_ops.state import StateDB, store_key
+
+    store = make_store(tmp_path / "s", ["bit_rot"], scale=0.01)
+    assert run_cli("verify", "--db", store.db).code == 2
+    assert run_cli("verify", "--db", store.db, "--quick").code == 0
+    with StateDB(private_state_dir) as history:
+        full = history.last_job(store_key(store.db), "verify")
+        quick = history.last_job(store_key(store.db), "verify-quick")
+    assert full.exit_code == 2 and quick.exit_code == 0
+    assert run_cli("verify", "--db", store.db, "--max-duration", "0s").code == 3
