@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import signal
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -339,6 +340,7 @@ def verify(
         max_rate=max_rate,
         processes=not no_processes,
     )
+    _terminate_cleanly()  # workers are stopped and the lock released on SIGTERM
     progress = _Progress()
     log = logs.get_logger(store=str(db), job="verify")
     with (
@@ -432,6 +434,7 @@ def orphans(
         raise UsageError("--delete removes files for good", "add --yes to confirm")
     if quarantine:
         quarantine = check_quarantine_dir(quarantine, artifact_dir)
+    _terminate_cleanly()
     log = logs.get_logger(store=str(db), job="orphans")
     with (
         locked_job(state_dir, db, "orphans", wait=wait) as outcome,
@@ -969,4 +972,16 @@ def main(argv: list[str] | None = None) -> None:
     except Terminated:
         click.echo("Terminated; temporary files removed.", err=True)
         sys.exit(143)
+    except sqlite3.Error as exc:
+        # The chachaml DB is guarded in store.py; this is our own state or scratch database.
+        click.echo(
+            f"Error: chachaml-ops' own database failed: {exc}; check --state-dir (move a "
+            "damaged state.db aside) and free space for SQLite's temp files",
+            err=True,
+        )
+        sys.exit(EXIT_CANNOT_CHECK)
+    except OSError as exc:
+        where = f" {exc.filename}" if exc.filename else ""
+        click.echo(f"Error: {exc.strerror or exc}{where}; nothing more was done", err=True)
+        sys.exit(EXIT_CANNOT_CHECK)
     sys.exit(rv if isinstance(rv, int) else 0)

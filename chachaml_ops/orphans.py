@@ -242,15 +242,20 @@ def _apply_one(
             except OSError as exc:
                 if exc.errno != errno.EXDEV:
                     raise
-                _copy_then_unlink(pfd, name, target)
+                if not _copy_then_unlink(pfd, name, target, lambda: not row_claims(store, rel)):
+                    return skipped("a row appeared while it was being copied; left in place")
             else:
+                # Both names exist now: one last look for a row before the original goes.
+                if row_claims(store, rel):
+                    os.unlink(target)
+                    return skipped("a row appeared while it was being moved; left in place")
                 os.unlink(name, dir_fd=pfd)
             return {**base, "action": "moved", "to": str(target)}
     except OSError as exc:
         return {**base, "action": "failed", "reason": exc.strerror or str(exc)}
 
 
-def _copy_then_unlink(pfd: int, name: str, target: Path) -> None:
+def _copy_then_unlink(pfd: int, name: str, target: Path, still_orphan: Callable[[], bool]) -> bool:
     """Across file systems: copy to a private temp name, fsync, link into place (never over
     an existing file), and only then unlink the source. A failed copy leaves nothing behind."""
     src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=pfd)
@@ -266,7 +271,11 @@ def _copy_then_unlink(pfd: int, name: str, target: Path) -> None:
     finally:
         os.close(src)
         os.unlink(tmp)
+    if not still_orphan():
+        os.unlink(target)
+        return False
     os.unlink(name, dir_fd=pfd)
+    return True
 
 
 def _remove_empty_folders(artifact_dir: Path, run: str) -> list[dict[str, Any]]:

@@ -278,3 +278,42 @@ def test_quick_verify_never_stands_in_for_a_full_one_in_the_history(tmp_path, pr
         quick = history.last_job(store_key(store.db), "verify-quick")
     assert full.exit_code == 2 and quick.exit_code == 0
     assert run_cli("verify", "--db", store.db, "--max-duration", "0s").code == 3
+
+
+def test_sigterm_during_a_forked_verify_stops_workers_and_frees_the_lock(tmp_path):
+    import signal
+    import time
+
+    from chachaml_ops.demo import ChachamlWriter
+
+    store = make_store(tmp_path / "s", (), scale=0.001)
+    w = ChachamlWriter(store.db)
+    for r in range(20):
+        run = w.start_run("many", f"r{r}")
+        for i in range(150):
+            w.log_artifact(run, f"f{i}.bin", b"x" * 64)
+    w.close()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "chachaml_ops",
+            "verify",
+            "--db",
+            str(store.db),
+            "--max-rate",
+            "20K",
+            "--jobs",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err
+    # no worker outlives the parent holding the store lock
+    assert run_cli("verify", "--db", store.db, "--quick").code == 0
