@@ -479,12 +479,15 @@ def _role(name: str) -> str:
     return "meta"
 
 
-class _SpoolSink:
-    """The DB member, spooled to a private file (0600) for integrity_check or the restore."""
+class FileSink:
+    """One member's bytes to a new private file: O_EXCL|O_NOFOLLOW, fsynced on close, its
+    mtime kept when given. The DB spool (0600) and restored files (0640) both use it."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, mode: int = 0o600, mtime: float | None = None) -> None:
         self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self.mtime = mtime
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        self.fd = os.open(path, flags, mode)
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -494,6 +497,8 @@ class _SpoolSink:
     def close(self) -> None:
         try:
             os.fsync(self.fd)
+            if self.mtime is not None:
+                os.utime(self.fd, (self.mtime, self.mtime))
         finally:
             os.close(self.fd)
 
@@ -534,7 +539,7 @@ def _read_one(
     try:
         if name == DB_MEMBER:
             scan.db_spool = Path(spool_dir) / f"spool-{secrets.token_hex(4)}.db"
-            sink = _SpoolSink(scan.db_spool)
+            sink = FileSink(scan.db_spool)
         elif sink_for is not None and rel is not None:
             sink = sink_for(name, rel, info)
     except OSError as exc:

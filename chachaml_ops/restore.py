@@ -24,6 +24,7 @@ from chachaml_ops.archive import (
     DB_MEMBER,
     ORPHAN_PREFIX,
     ArchiveScan,
+    FileSink,
     Judgement,
     LocalWriteFailed,
     NotOurArchive,
@@ -135,28 +136,6 @@ class RestoreResult:
     report: Report  # what the archive held, and whether it was restored
     verify: Report | None  # verify of the restored store; None when nothing was restored
     restored: bool
-
-
-class _FileSink:
-    """One extracted file: written under O_EXCL|O_NOFOLLOW (mode 0640), fsynced, mtime kept."""
-
-    def __init__(self, path: Path, mtime: float) -> None:
-        self.fd = os.open(
-            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640
-        )
-        self.mtime = mtime
-
-    def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view) :]
-
-    def close(self) -> None:
-        try:
-            os.fsync(self.fd)
-            os.utime(self.fd, (self.mtime, self.mtime))
-        finally:
-            os.close(self.fd)
 
 
 def _resolve_target(target: Path) -> tuple[Path, bool]:
@@ -287,7 +266,7 @@ def remove_stale_staging(target: Path) -> list[str]:
 def _sink_factory(staging: Path, opts: RestoreOptions, listed: frozenset[str]) -> SinkFactory:
     artifacts = staging / RESTORED_ARTIFACTS
 
-    def sink_for(name: str, rel: str, info: tarfile.TarInfo) -> _FileSink | None:
+    def sink_for(name: str, rel: str, info: tarfile.TarInfo) -> FileSink | None:
         # `rel` was judged by the scanner (restorable_relpath; no file/folder conflicts).
         orphan = name.startswith(ORPHAN_PREFIX)
         if (orphan and not opts.include_orphans) or name not in listed:
@@ -295,7 +274,7 @@ def _sink_factory(staging: Path, opts: RestoreOptions, listed: frozenset[str]) -
         path = artifacts / rel
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            return _FileSink(path, info.mtime)
+            return FileSink(path, 0o640, info.mtime)
         except (FileExistsError, NotADirectoryError, IsADirectoryError):
             if orphan:
                 return None  # an orphan never overwrites or blocks a referenced artifact
