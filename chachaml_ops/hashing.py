@@ -66,6 +66,22 @@ class RateLimit:
             time.sleep(wait)
 
 
+def open_regular(path: bytes | str, *, dir_fd: int | None = None) -> tuple[int, os.stat_result]:
+    """Open a regular file without following a link or waiting on a FIFO: (fd, fstat).
+
+    With `dir_fd`, `path` is one name in that open folder (the fast path's way to stay inside
+    a run folder without resolving the folder again per file)."""
+    fd = os.open(path, _OPEN_FLAGS, dir_fd=dir_fd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(0, "not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
 def sha256_file(
     path: bytes,
     *,
@@ -78,64 +94,73 @@ def sha256_file(
     """Hash a regular file. Raises OSError (NotRegularFile, OutsideTree, ...) when it cannot.
 
     With `confine`, `path` must be a real path (no symlinks anywhere) and the opened file must
-    be exactly there, so nothing outside the artifact tree is ever read. `throttle(n)` is
-    called before each n bytes are read (see RateLimit). `should_stop()` is asked before each
-    chunk and raises errors.Interrupted when true, so one huge file never delays a shutdown.
+    be exactly there, so nothing outside the artifact tree is ever read.
     """
-    fd = os.open(path, _OPEN_FLAGS)
+    fd, st = open_regular(path)
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise NotRegularFile(0, "not a regular file")
         if confine and not confined(fd, path):
             raise OutsideTree(0, "reached through a symlinked folder")
-        h = hashlib.sha256()
-        total = 0
-        if st.st_size <= _SMALL and (expected_size is None or expected_size <= _SMALL):
-            # One read (plus one to see EOF) beats a buffer loop for small files.
-            if throttle is not None:
-                throttle(st.st_size)
-            want = st.st_size + 1
-            data = os.read(fd, want)
-            h.update(data)
-            total = len(data)
-            # A short read of a regular file is its end; only a file that grew reads on.
-            while len(data) == want:
-                data = os.read(fd, CHUNK)
-                want = CHUNK
-                h.update(data)
-                total += len(data)
-        else:
-            buf = bytearray(CHUNK)
-            view = memoryview(buf)
-            while True:
-                if should_stop is not None and should_stop():
-                    raise Interrupted(f"stopped while hashing {os.fsdecode(path)}")
-                if throttle is not None:
-                    throttle(CHUNK)
-                n = os.readv(fd, [buf])
-                if not n:
-                    break
-                h.update(view[:n])
-                total += n
-        if drop_cache:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        return Digest(h.hexdigest(), total)
+        return sha256_fd(
+            fd,
+            st,
+            expected_size=expected_size,
+            drop_cache=drop_cache,
+            throttle=throttle,
+            should_stop=should_stop,
+            name=path,
+        )
     finally:
         os.close(fd)
 
 
-def open_regular(path: bytes | str) -> tuple[int, os.stat_result]:
-    """Open a regular file the way sha256_file does (no links, no FIFOs): (fd, fstat)."""
-    fd = os.open(path, _OPEN_FLAGS)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise NotRegularFile(0, "not a regular file")
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, st
+def sha256_fd(
+    fd: int,
+    st: os.stat_result,
+    *,
+    expected_size: int | None = None,
+    drop_cache: bool = False,
+    throttle: Callable[[int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    name: bytes | str = b"",
+) -> Digest:
+    """The one SHA-256 routine: hash an open regular file (`st` its fstat) from the start.
+
+    `throttle(n)` is called before each n bytes are read (see RateLimit). `should_stop()` is
+    asked before each chunk and raises errors.Interrupted when true, so one huge file never
+    delays a shutdown.
+    """
+    h = hashlib.sha256()
+    total = 0
+    if st.st_size <= _SMALL and (expected_size is None or expected_size <= _SMALL):
+        # One read (plus one to see EOF) beats a buffer loop for small files.
+        if throttle is not None:
+            throttle(st.st_size)
+        want = st.st_size + 1
+        data = os.read(fd, want)
+        h.update(data)
+        total = len(data)
+        # A short read of a regular file is its end; only a file that grew reads on.
+        while len(data) == want:
+            data = os.read(fd, CHUNK)
+            want = CHUNK
+            h.update(data)
+            total += len(data)
+    else:
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        while True:
+            if should_stop is not None and should_stop():
+                raise Interrupted(f"stopped while hashing {os.fsdecode(name)}")
+            if throttle is not None:
+                throttle(CHUNK)
+            n = os.readv(fd, [buf])
+            if not n:
+                break
+            h.update(view[:n])
+            total += n
+    if drop_cache:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    return Digest(h.hexdigest(), total)
 
 
 class StreamingSha256:

@@ -37,6 +37,24 @@ class ArtifactRow:
 
 
 @dataclass(frozen=True, slots=True)
+class RunAggregate:
+    """One run's rows folded by SQLite into NUL- or comma-separated strings (group_concat).
+
+    Split, they are parallel lists in one row order: a million rows cost a few thousand
+    values crossing into Python instead of millions. NULLs are left out by group_concat, so a
+    list shorter than `count` means some row lacks that field."""
+
+    run_id: str
+    count: int
+    ids: str
+    names: str
+    paths: str
+    sizes: str | None  # None unless asked for
+    hashes: str | None
+    odd_hashes: int  # rows whose hash is not TEXT (NULL, a BLOB, a number)
+
+
+@dataclass(frozen=True, slots=True)
 class DanglingVersion:
     model_name: str
     version: Any
@@ -292,6 +310,34 @@ class Store:
         while batch := self._guard(cursor.fetchmany, _BATCH):
             for aid, run_id, name, path in batch:
                 yield _as_text(aid), _as_text(run_id), _as_text(name), _as_text(path)
+
+    def run_aggregates(self, run_ids: Iterable[str], *, detail: bool) -> list[RunAggregate]:
+        """These runs' rows as one RunAggregate per run; sizes and hashes only with `detail`."""
+        where, args = self._run_filter(run_ids)
+        extra = (
+            "group_concat(a.size), group_concat(a.hash), total(typeof(a.hash) != 'text')"
+            if detail
+            else "NULL, NULL, 0"
+        )
+        sql = (
+            "SELECT a.run_id, count(*), group_concat(a.id, char(0)),"
+            f" group_concat(a.name, char(0)), group_concat(a.path, char(0)), {extra}"
+            f" FROM artifacts a{where} GROUP BY a.run_id"
+        )
+        rows = self._guard(self._fetchall, sql, args)
+        return [
+            RunAggregate(
+                _as_text(r[0]),
+                r[1],
+                _as_text(r[2]),
+                _as_text(r[3]),
+                _as_text(r[4]),
+                None if r[5] is None else _as_text(r[5]),
+                None if r[6] is None else _as_text(r[6]),
+                int(r[7]),
+            )
+            for r in rows
+        ]
 
     def known_runs(self, run_ids: Iterable[str]) -> set[str]:
         """Which of these run ids have a runs row (all of them if the store has no runs table)."""

@@ -21,11 +21,21 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
 from chachaml_ops.errors import ArtifactDirMissing, Interrupted, UsageError
-from chachaml_ops.hashing import Digest, NotRegularFile, OutsideTree, RateLimit, sha256_file
+from chachaml_ops.hashing import (
+    Digest,
+    NotRegularFile,
+    OutsideTree,
+    RateLimit,
+    open_regular,
+    sha256_fd,
+    sha256_file,
+)
 from chachaml_ops.layout import (
     ArtifactTree,
     UnsafePath,
@@ -38,7 +48,7 @@ from chachaml_ops.layout import (
 from chachaml_ops.report import Finding, Report, human_duration, iso_time
 from chachaml_ops.scan import ScanProblem, scan_unnamed
 from chachaml_ops.state import MarkReader, StateDB, VerifyMark, default_state_dir, store_key
-from chachaml_ops.store import ArtifactRow, Store
+from chachaml_ops.store import ArtifactRow, RunAggregate, Store
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 # A file written more than this long after its row is the duplicate-log signature.
@@ -86,6 +96,7 @@ class CheckOptions:
     state_dir: Path | None = None  # where marks live; default_state_dir() if max_* is set
     max_rate: float | None = None  # bytes/s ceiling on hashing reads, across all workers
     processes: bool = True  # fork worker processes when that is faster (many small files)
+    fast_path: bool = True  # plain runs checked per run (False: every row one by one)
 
     @property
     def incremental(self) -> bool:
@@ -474,11 +485,20 @@ def _check_batch(
     res = _BatchResult([], stats, [], [], [])
     refs: set[str] = set()
     marks = ctx.marks.for_runs(batch.runs) if ctx.marks is not None and batch.runs else {}
+    slow_runs, folders = batch.runs, batch.folders
+    retry: dict[str, set[str]] = {}
+    if batch.runs and opts.fast_path and opts.max_duration is None:
+        # (A time budget orders rows by their marks, which only the per-row path does.)
+        slow_runs, folders, retry = _check_plain_runs(ctx, batch, res, marks, stop, pool)
+        if stats.interrupted:
+            return res
     rows: Iterable[ArtifactRow] = ()
-    if batch.runs and not opts.rows:
-        rows = _lean_rows(store, batch.runs, refs, stats)
-    elif batch.runs:
-        rows = store.iter_artifacts(batch.runs)
+    if slow_runs and not opts.rows:
+        rows = _lean_rows(store, slow_runs, refs, stats)
+    elif slow_runs:
+        rows = store.iter_artifacts(slow_runs)
+        if retry:
+            rows = (r for r in rows if r.run_id not in retry or r.name in retry[r.run_id])
     if opts.max_duration is not None and marks:
         # Within the batch too, the least recently verified rows go first.
         rows = sorted(rows, key=lambda r: marks[r.id].verified_at if r.id in marks else 0.0)
@@ -522,8 +542,8 @@ def _check_batch(
             _settle(ctx, window.popleft(), marks, res)
     while window:
         _settle(ctx, window.popleft(), marks, res)
-    if batch.folders:
-        seen, unnamed = scan_unnamed(tree.root, batch.folders, refs)
+    if folders:
+        seen, unnamed = scan_unnamed(tree.root, folders, refs)
         stats.files_seen += seen
         for item in unnamed:
             if isinstance(item, ScanProblem):
@@ -533,6 +553,445 @@ def _check_batch(
             else:
                 res.candidates.append((item.relpath, item.type))
     return res
+
+
+# -- plain runs: the fast path ------------------------------------------------------------
+#
+# Nearly every run chachaml writes is "plain": each row's path is `<run_id>/<name>`, a file
+# inside the run folder, with an integer size and a SHA-256 text. Such a run is read from
+# SQLite as one aggregate row; its folders are opened with O_NOFOLLOW and listed once each;
+# each file is stat'ed or opened by its base name relative to its folder's descriptor, so
+# no path is resolved twice and no per-row object is built. The fast path never writes a
+# finding about a row: any row whose check is not clean is handed back, by name, to the
+# per-row path above, which reports it exactly as it would have. A run that is not plain in
+# every way, or whose folders cannot all be listed, goes that path whole.
+
+_NOT_A_NAME = frozenset({"", ".", ".."})
+_HEX_LIST = re.compile(r"[0-9a-fA-F]{64}(?:,[0-9a-fA-F]{64})*")
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_ST_SIZE = attrgetter("st_size")
+_ST_MODE = attrgetter("st_mode")
+
+
+@dataclass(slots=True)
+class _PlainRun:
+    run_id: str
+    ids: list[str]
+    names: list[str]  # relative to the run folder; may contain '/'
+    sizes: list[int]
+    hashes: list[str]  # lowercase hex
+    # folder inside the run ('' is the run folder) -> (row indexes, their base names)
+    folders: dict[str, tuple[list[int], list[str]]]
+
+
+def _plain_run(agg: RunAggregate, known: set[str] | None, detail: bool) -> _PlainRun | None:
+    """The run's rows as parallel lists when every one of them is plain, else None."""
+    run_id, n = agg.run_id, agg.count
+    if run_id in _NOT_A_NAME or "/" in run_id or "\x00" in run_id:
+        return None
+    if known is not None and run_id not in known:
+        return None
+    names = agg.names.split("\x00")
+    if len(names) != n or _NOT_A_NAME.intersection(names) or len(set(names)) != n:
+        return None
+    prefix = run_id + "/"
+    if agg.paths != prefix + ("\x00" + prefix).join(names):
+        return None
+    folders = _folders_of(names)
+    if folders is None:
+        return None
+    ids = agg.ids.split("\x00")
+    if len(ids) != n:
+        return None
+    if not detail:
+        return _PlainRun(run_id, ids, names, [], [], folders)
+    if agg.sizes is None or agg.hashes is None or agg.odd_hashes:
+        return None
+    if len(agg.hashes) != 65 * n - 1 or not _HEX_LIST.fullmatch(agg.hashes):
+        return None
+    try:
+        sizes = list(map(int, agg.sizes.split(",")))
+    except ValueError:
+        return None
+    if len(sizes) != n:
+        return None
+    return _PlainRun(run_id, ids, names, sizes, agg.hashes.lower().split(","), folders)
+
+
+def _folders_of(names: list[str]) -> dict[str, tuple[list[int], list[str]]] | None:
+    """Rows grouped by the folder they sit in; None if a name has an empty, '.' or '..'
+    segment (the per-row path normalises or refuses those)."""
+    if not any("/" in name for name in names):
+        return {"": (list(range(len(names))), names)}
+    folders: dict[str, tuple[list[int], list[str]]] = {}
+    for i, name in enumerate(names):
+        folder, _, base = name.rpartition("/")
+        if folder and _NOT_A_NAME.intersection(folder.split("/")):
+            return None
+        idx, bases = folders.setdefault(folder, ([], []))
+        idx.append(i)
+        bases.append(base)
+    return folders
+
+
+@dataclass(slots=True)
+class _PlainFile:
+    """A file of a plain run handed to the hasher, with what settling its result needs."""
+
+    run_id: str
+    aid: str
+    name: str
+    size: int
+    sha: str
+    st: os.stat_result
+    fresh: bool  # no mark for this hash yet: counted as never verified
+    suspects: set[str]  # its run's
+
+
+def _check_plain_runs(
+    ctx: _Context,
+    batch: _Batch,
+    res: _BatchResult,
+    marks: dict[str, VerifyMark],
+    stop: StopFn,
+    pool: ThreadPoolExecutor | None,
+) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, set[str]]]:
+    """Check the batch's plain runs. Returns what is left for the per-row path: the runs to
+    read row by row, the folders to scan, and per run the names of the rows to re-check."""
+    opts, store = ctx.opts, ctx.store
+    assert store is not None
+    known = store.known_runs(batch.runs) if store.has_runs else None
+    plain: dict[str, _PlainRun] = {}
+    for agg in store.run_aggregates(batch.runs, detail=opts.rows):
+        run = _plain_run(agg, known, opts.rows)
+        if run is not None:
+            plain[run.run_id] = run
+    folders = set(batch.folders)
+    retry: dict[str, set[str]] = {}
+    try:
+        root_fd = os.open(ctx.tree.root_b, _DIR_FLAGS & ~os.O_NOFOLLOW)
+    except OSError:
+        return batch.runs, batch.folders, {}
+    done: set[str] = set()
+    hasher = _PlainHasher(ctx, res, pool)
+    try:
+        for run in plain.values():
+            if stop():
+                res.stats.interrupted = True
+                break
+            suspects = _check_plain_run(
+                ctx, run, root_fd, res, marks, run.run_id in folders, hasher
+            )
+            if suspects is None:
+                continue
+            done.add(run.run_id)
+            folders.discard(run.run_id)
+            retry[run.run_id] = suspects  # filled in as hashes settle; empty ones dropped below
+            if res.stats.interrupted:
+                break
+            if ctx.progress is not None:
+                ctx.progress(res.stats)
+        hasher.drain()
+    finally:
+        hasher.abandon()
+        os.close(root_fd)
+    for run_id in done:  # rows handed back are counted when the per-row path checks them
+        res.stats.rows += len(plain[run_id].names) - len(retry[run_id])
+    retry = {run_id: names for run_id, names in retry.items() if names}
+    slow = tuple(r for r in batch.runs if r not in done or r in retry)
+    return slow, tuple(f for f in batch.folders if f in folders), retry
+
+
+_Listing = tuple[dict[str, str], set[str]]  # non-folder entries -> type, subfolder names
+
+
+def _check_plain_run(
+    ctx: _Context,
+    run: _PlainRun,
+    root_fd: int,
+    res: _BatchResult,
+    marks: dict[str, VerifyMark],
+    scan: bool,
+    hasher: _PlainHasher,
+) -> set[str] | None:
+    """One plain run through its folders' descriptors. Returns the names of rows the per-row
+    path must re-check (empty when all is well), or None when the whole run must go that way
+    (a folder cannot be opened or listed, or a row names a folder)."""
+    try:
+        dfd = os.open(run.run_id, _DIR_FLAGS, dir_fd=root_fd)
+    except OSError:
+        return None
+    try:
+        wanted = None if scan else set(run.folders)
+        listings = _list_run_tree(dfd, wanted)
+        if listings is None:
+            return None
+        named = {folder: set(bases) for folder, (_, bases) in run.folders.items()}
+        for folder, bases in named.items():
+            listing = listings.get(folder)
+            if listing is not None and not listing[1].isdisjoint(bases):
+                return None
+        opts, stats = ctx.opts, res.stats
+        suspects: set[str] = set()
+        if opts.rows:
+            for folder, (idx, bases) in run.folders.items():
+                listing = listings.get(folder)
+                absent = bases if listing is None else named[folder] - listing[0].keys()
+                if absent:  # the per-row path says which: missing, or its folder is
+                    prefix = folder + "/" if folder else ""
+                    suspects.update(prefix + base for base in absent)
+                if listing is None:
+                    continue
+                gfd = dfd if not folder else _open_below(dfd, folder)
+                if gfd is None:
+                    suspects.update(run.names[i] for i in idx)
+                    continue
+                try:
+                    if opts.hash:
+                        _hash_plain_folder(ctx, run, idx, bases, gfd, marks, suspects, hasher)
+                    else:
+                        _stat_plain_folder(run, idx, bases, gfd, suspects)
+                finally:
+                    if gfd != dfd:
+                        os.close(gfd)
+        if scan:
+            for folder, (entries, _) in listings.items():
+                stats.files_seen += len(entries)
+                prefix = f"{run.run_id}/{folder}/" if folder else run.run_id + "/"
+                for name in entries.keys() - named.get(folder, set()):
+                    res.candidates.append((prefix + name, entries[name]))
+        return suspects
+    finally:
+        os.close(dfd)
+
+
+def _list_run_tree(dfd: int, wanted: set[str] | None) -> dict[str, _Listing] | None:
+    """Listings of the run folder and the folders below it, by path inside the run ('' for
+    the run folder); with `wanted`, only those folders and the ones on the way to them.
+    Folders are opened with O_NOFOLLOW (a symlink is an entry, not a folder). None if a
+    folder cannot be opened or listed."""
+    out: dict[str, _Listing] = {}
+    stack: list[tuple[str, int]] = [("", os.dup(dfd))]
+    try:
+        while stack:
+            rel, fd = stack.pop()
+            try:
+                listing = _list_folder(fd)
+                if listing is None:
+                    return None
+                out[rel] = listing
+                for sub in listing[1]:
+                    child = f"{rel}/{sub}" if rel else sub
+                    if wanted is not None and not any(
+                        w == child or w.startswith(child + "/") for w in wanted
+                    ):
+                        continue
+                    try:
+                        stack.append((child, os.open(sub, _DIR_FLAGS, dir_fd=fd)))
+                    except FileNotFoundError:
+                        continue
+                    except OSError:
+                        return None
+            finally:
+                os.close(fd)
+    finally:
+        for _, fd in stack:
+            os.close(fd)
+    return out
+
+
+def _open_below(dfd: int, folder: str) -> int | None:
+    """A folder inside the run, opened one segment at a time without following links."""
+    fd = dfd
+    try:
+        for part in folder.split("/"):
+            nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            if fd != dfd:
+                os.close(fd)
+            fd = nxt
+    except OSError:
+        if fd != dfd:
+            os.close(fd)
+        return None
+    return fd
+
+
+def _list_folder(dfd: int) -> _Listing | None:
+    """(non-folder entries -> 'file'/'symlink'/'special', subfolder names), types from the
+    directory listing itself; None if the folder cannot be listed."""
+    entries: dict[str, str] = {}
+    subdirs: set[str] = set()
+    try:
+        with os.scandir(dfd) as it:
+            for e in it:
+                try:
+                    if e.is_dir(follow_symlinks=False):
+                        subdirs.add(e.name)
+                    elif e.is_file(follow_symlinks=False):
+                        entries[e.name] = "file"
+                    else:
+                        entries[e.name] = "symlink" if e.is_symlink() else "special"
+                except FileNotFoundError:
+                    continue
+    except OSError:
+        return None
+    return entries, subdirs
+
+
+def _stat_plain_folder(
+    run: _PlainRun, idx: list[int], bases: list[str], fd: int, suspects: set[str]
+) -> None:
+    """--quick: presence and size by one lstat per file, relative to its folder; the loop and
+    the comparison run in C unless something differs."""
+    sizes = run.sizes if len(idx) == len(run.names) else [run.sizes[i] for i in idx]
+    lstat = partial(os.lstat, dir_fd=fd)
+    if not suspects:
+        try:
+            sts = list(map(lstat, bases))
+            if list(map(_ST_SIZE, sts)) == sizes and all(map(stat.S_ISREG, map(_ST_MODE, sts))):
+                return
+        except OSError:
+            pass
+    for i, base, size in zip(idx, bases, sizes, strict=True):
+        name = run.names[i]
+        if name in suspects:
+            continue
+        try:
+            st = lstat(base)
+        except OSError:
+            suspects.add(name)
+            continue
+        if st.st_size != size or not stat.S_ISREG(st.st_mode):
+            suspects.add(name)
+
+
+def _hash_plain_folder(
+    ctx: _Context,
+    run: _PlainRun,
+    idx: list[int],
+    bases: list[str],
+    fd: int,
+    marks: dict[str, VerifyMark],
+    suspects: set[str],
+    hasher: _PlainHasher,
+) -> None:
+    """Full verify: open each file relative to its folder, fstat, skip what its mark vouches
+    for, hash the rest. Anything not clean joins `suspects`."""
+    opts, stats = ctx.opts, hasher.res.stats
+    subset, max_age, now = opts.subset, opts.max_age, ctx.clock()
+    tracking = ctx.marks is not None
+    for i, base in zip(idx, bases, strict=True):
+        aid, name, size, sha = run.ids[i], run.names[i], run.sizes[i], run.hashes[i]
+        if name in suspects:
+            continue
+        if stats.interrupted or (ctx.stop is not None and ctx.stop()):
+            stats.interrupted = True
+            return
+        try:
+            file_fd, st = open_regular(base, dir_fd=fd)
+        except OSError:
+            suspects.add(name)
+            continue
+        mark = marks.get(aid)
+        fresh = mark is None or mark.sha256 != sha
+        if st.st_size != size:
+            suspects.add(name)
+        elif tracking and fresh:
+            stats.files_never_verified += 1
+            stats.bytes_never_verified += size
+        elif tracking and (
+            stats.oldest_verified is None or mark.verified_at < stats.oldest_verified
+        ):
+            stats.oldest_verified = mark.verified_at
+        if st.st_size != size or (subset is not None and not subset.contains(aid)):
+            os.close(file_fd)
+            continue
+        if not fresh and max_age is not None and _mark_holds(mark, sha, st, now, max_age):
+            os.close(file_fd)
+            stats.files_skipped += 1
+            stats.bytes_skipped += size
+            continue
+        hasher.submit(file_fd, _PlainFile(run.run_id, aid, name, size, sha, st, fresh, suspects))
+
+
+class _PlainHasher:
+    """Hashes plain-run files inline or on the batch's thread pool (a bounded window), and
+    settles each result: counted and marked when clean, a suspect otherwise."""
+
+    def __init__(self, ctx: _Context, res: _BatchResult, pool: ThreadPoolExecutor | None):
+        self.ctx, self.res, self.pool = ctx, res, pool
+        self.window: deque[tuple[_PlainFile, Future[Digest | BaseException], int]] = deque()
+        self.depth = max(4, ctx.opts.jobs * 4)
+
+    def submit(self, fd: int, item: _PlainFile) -> None:
+        if self.pool is None:
+            self._settle(item, self._hash(fd, item))
+            return
+        self.window.append((item, self.pool.submit(self._hash, fd, item), fd))
+        while self.window and (len(self.window) > self.depth or self.window[0][1].done()):
+            done, future, _ = self.window.popleft()
+            self._settle(done, future.result())
+
+    def _hash(self, fd: int, item: _PlainFile) -> Digest | BaseException:
+        ctx = self.ctx
+        try:
+            return sha256_fd(
+                fd,
+                item.st,
+                expected_size=item.size,
+                drop_cache=ctx.opts.drop_cache,
+                throttle=ctx.throttle,
+                should_stop=ctx.stop,
+                name=item.name,
+            )
+        except (OSError, Interrupted) as exc:
+            return exc
+        finally:
+            os.close(fd)
+
+    def _settle(self, item: _PlainFile, result: Digest | BaseException) -> None:
+        stats, tracking = self.res.stats, self.ctx.marks is not None
+        if isinstance(result, Interrupted):
+            stats.interrupted = True  # stopped part way: no finding, the mark stays as it was
+            return
+        if tracking and item.fresh:  # verified now, or re-checked (and counted) row by row
+            stats.files_never_verified -= 1
+            stats.bytes_never_verified -= item.size
+        if not isinstance(result, Digest) or result.size != item.size or result.sha256 != item.sha:
+            item.suspects.add(item.name)  # re-hashed and reported by the per-row path
+            return
+        stats.files_hashed += 1
+        stats.bytes_hashed += item.size
+        if tracking:
+            st = item.st
+            self.res.good.append(
+                VerifyMark(
+                    item.aid,
+                    item.run_id,
+                    item.size,
+                    st.st_mtime_ns,
+                    st.st_ino,
+                    st.st_ctime_ns,
+                    item.sha,
+                    self.ctx.clock(),
+                )
+            )
+        if self.ctx.progress is not None:
+            self.ctx.progress(stats)
+
+    def drain(self) -> None:
+        while self.window:
+            item, future, _ = self.window.popleft()
+            self._settle(item, future.result())
+
+    def abandon(self) -> None:
+        """On the way out after an error: close the descriptors of jobs that never ran."""
+        while self.window:
+            _, future, fd = self.window.popleft()
+            if future.cancel():
+                os.close(fd)
+            else:
+                future.exception()
 
 
 def _lean_rows(
@@ -574,12 +1033,18 @@ def _count_coverage(stats: CheckStats, row: ArtifactRow, mark: VerifyMark | None
 
 
 def _still_good(mark: VerifyMark, pending: _Pending, now: float, opts: CheckOptions) -> bool:
+    return opts.max_age is not None and _mark_holds(
+        mark, pending.row.hash, pending.st, now, opts.max_age
+    )
+
+
+def _mark_holds(
+    mark: VerifyMark, sha: str | None, st: os.stat_result, now: float, max_age: float
+) -> bool:
     """Verified good within max_age, for this recorded hash, and the file looks the same."""
-    st = pending.st
     return (
-        opts.max_age is not None
-        and now - mark.verified_at <= opts.max_age
-        and mark.sha256 == pending.row.hash
+        now - mark.verified_at <= max_age
+        and mark.sha256 == sha
         and mark.size == st.st_size
         and mark.mtime_ns == st.st_mtime_ns
         and mark.ctime_ns == st.st_ctime_ns
