@@ -163,7 +163,7 @@ def cli(log_level: str) -> None:
     Example:
       chachaml-ops verify --db /srv/ml/chachaml.db
     """
-    logs.configure(log_level)
+    logs.configure(log_level, lazy=True)
 
 
 class _Progress:

@@ -46,7 +46,7 @@ class RunAggregate:
 
     run_id: str
     count: int
-    ids: str
+    ids: str | None  # None unless asked for
     names: str
     paths: str
     sizes: str | None  # None unless asked for
@@ -311,25 +311,28 @@ class Store:
             for aid, run_id, name, path in batch:
                 yield _as_text(aid), _as_text(run_id), _as_text(name), _as_text(path)
 
-    def run_aggregates(self, run_ids: Iterable[str], *, detail: bool) -> list[RunAggregate]:
-        """These runs' rows as one RunAggregate per run; sizes and hashes only with `detail`."""
+    def run_aggregates(
+        self, run_ids: Iterable[str], *, ids: bool, detail: bool
+    ) -> list[RunAggregate]:
+        """These runs' rows as one RunAggregate per run. Names and paths always; artifact ids
+        only with `ids`, sizes and hashes only with `detail` (each costs per row)."""
         where, args = self._run_filter(run_ids)
+        id_col = "group_concat(a.id, char(0))" if ids else "NULL"
         extra = (
             "group_concat(a.size), group_concat(a.hash), total(typeof(a.hash) != 'text')"
             if detail
             else "NULL, NULL, 0"
         )
         sql = (
-            "SELECT a.run_id, count(*), group_concat(a.id, char(0)),"
-            f" group_concat(a.name, char(0)), group_concat(a.path, char(0)), {extra}"
-            f" FROM artifacts a{where} GROUP BY a.run_id"
+            f"SELECT a.run_id, count(*), {id_col}, group_concat(a.name, char(0)),"
+            f" group_concat(a.path, char(0)), {extra} FROM artifacts a{where} GROUP BY a.run_id"
         )
         rows = self._guard(self._fetchall, sql, args)
         return [
             RunAggregate(
                 _as_text(r[0]),
                 r[1],
-                _as_text(r[2]),
+                None if r[2] is None else _as_text(r[2]),
                 _as_text(r[3]),
                 _as_text(r[4]),
                 None if r[5] is None else _as_text(r[5]),

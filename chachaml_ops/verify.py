@@ -259,7 +259,10 @@ def check_store(
 ) -> Iterator[Finding]:
     """Every finding for the store, streamed. Counters accumulate in `stats`."""
     stop = should_stop or (lambda: False)
-    stats.rows_total, stats.bytes_total = store.totals(opts.run_ids)
+    counts = dict(store.run_row_counts(opts.run_ids))  # from the index alone
+    stats.rows_total = sum(counts.values())
+    if opts.hash and opts.rows:  # bytes to hash: reads every row, so only when hashing
+        stats.bytes_total = store.totals(opts.run_ids)[1]
     if not os.path.isdir(artifact_dir):
         if stats.rows_total == 0 and not os.path.lexists(artifact_dir):
             return
@@ -291,7 +294,7 @@ def check_store(
             state_dir=state_dir,
             stop=should_stop,
         )
-        strays, batches = _plan(store, tree, opts, ctx)
+        strays, batches = _plan(counts, tree, opts, ctx)
         if ctx.root_problem is not None:
             yield Finding("unreadable", "", f"cannot list folder: {ctx.root_problem}")
         store.add_seen(strays)
@@ -324,10 +327,10 @@ def check_store(
 
 
 def _plan(
-    store: Store, tree: ArtifactTree, opts: CheckOptions, ctx: _Context
+    counts: dict[str, int], tree: ArtifactTree, opts: CheckOptions, ctx: _Context
 ) -> tuple[list[tuple[str, str]], list[_Batch]]:
-    """Top-level strays, and the runs/folders cut into batches of roughly equal row counts."""
-    counts = dict(store.run_row_counts(opts.run_ids))
+    """Top-level strays, and the runs/folders (`counts`: rows per run) cut into batches of
+    roughly equal row counts."""
     folders: set[str] = set()
     strays: list[tuple[str, str]] = []
     if opts.orphans:
@@ -584,8 +587,11 @@ class _PlainRun:
     folders: dict[str, tuple[list[int], list[str]]]
 
 
-def _plain_run(agg: RunAggregate, known: set[str] | None, detail: bool) -> _PlainRun | None:
-    """The run's rows as parallel lists when every one of them is plain, else None."""
+def _plain_run(
+    agg: RunAggregate, known: set[str] | None, detail: bool, hashing: bool
+) -> _PlainRun | None:
+    """The run's rows as parallel lists when every one of them is plain, else None. Sizes
+    and hashes are checked with `detail`; ids and hashes are kept only for `hashing`."""
     run_id, n = agg.run_id, agg.count
     if run_id in _NOT_A_NAME or "/" in run_id or "\x00" in run_id:
         return None
@@ -597,12 +603,14 @@ def _plain_run(agg: RunAggregate, known: set[str] | None, detail: bool) -> _Plai
     prefix = run_id + "/"
     if agg.paths != prefix + ("\x00" + prefix).join(names):
         return None
-    folders = _folders_of(names)
+    folders = _folders_of(names, "/" in agg.names)
     if folders is None:
         return None
-    ids = agg.ids.split("\x00")
-    if len(ids) != n:
-        return None
+    ids: list[str] = []
+    if hashing:
+        ids = agg.ids.split("\x00") if agg.ids is not None else []
+        if len(ids) != n:
+            return None
     if not detail:
         return _PlainRun(run_id, ids, names, [], [], folders)
     if agg.sizes is None or agg.hashes is None or agg.odd_hashes:
@@ -615,13 +623,14 @@ def _plain_run(agg: RunAggregate, known: set[str] | None, detail: bool) -> _Plai
         return None
     if len(sizes) != n:
         return None
-    return _PlainRun(run_id, ids, names, sizes, agg.hashes.lower().split(","), folders)
+    hashes = agg.hashes.lower().split(",") if hashing else []
+    return _PlainRun(run_id, ids, names, sizes, hashes, folders)
 
 
-def _folders_of(names: list[str]) -> dict[str, tuple[list[int], list[str]]] | None:
+def _folders_of(names: list[str], nested: bool) -> dict[str, tuple[list[int], list[str]]] | None:
     """Rows grouped by the folder they sit in; None if a name has an empty, '.' or '..'
     segment (the per-row path normalises or refuses those)."""
-    if not any("/" in name for name in names):
+    if not nested:
         return {"": (list(range(len(names))), names)}
     folders: dict[str, tuple[list[int], list[str]]] = {}
     for i, name in enumerate(names):
@@ -662,8 +671,9 @@ def _check_plain_runs(
     assert store is not None
     known = store.known_runs(batch.runs) if store.has_runs else None
     plain: dict[str, _PlainRun] = {}
-    for agg in store.run_aggregates(batch.runs, detail=opts.rows):
-        run = _plain_run(agg, known, opts.rows)
+    hashing = opts.rows and opts.hash
+    for agg in store.run_aggregates(batch.runs, ids=hashing, detail=opts.rows):
+        run = _plain_run(agg, known, opts.rows, hashing)
         if run is not None:
             plain[run.run_id] = run
     folders = set(batch.folders)
@@ -914,6 +924,9 @@ def _hash_plain_folder(
         hasher.submit(file_fd, _PlainFile(run.run_id, aid, name, size, sha, st, fresh, suspects))
 
 
+_INLINE_BELOW = 1 << 18
+
+
 class _PlainHasher:
     """Hashes plain-run files inline or on the batch's thread pool (a bounded window), and
     settles each result: counted and marked when clean, a suspect otherwise."""
@@ -924,7 +937,9 @@ class _PlainHasher:
         self.depth = max(4, ctx.opts.jobs * 4)
 
     def submit(self, fd: int, item: _PlainFile) -> None:
-        if self.pool is None:
+        # A small file costs less to hash than to hand to a thread (which also needs the GIL
+        # back to start); only large reads, where hashlib lets go of the GIL, go to the pool.
+        if self.pool is None or item.size < _INLINE_BELOW:
             self._settle(item, self._hash(fd, item))
             return
         self.window.append((item, self.pool.submit(self._hash, fd, item), fd))

@@ -172,9 +172,8 @@ def test_fast_path_reports_what_the_per_row_path_reports(zoo, mode):
     with Store(zoo.db) as s:
         runs = [r for r, _ in s.run_row_counts()]
         known = s.known_runs(runs)
-        plain = [
-            a.run_id for a in s.run_aggregates(runs, detail=True) if _plain_run(a, known, True)
-        ]
+        aggregates = s.run_aggregates(runs, ids=True, detail=True)
+        plain = [a.run_id for a in aggregates if _plain_run(a, known, True, True)]
     assert {"run-files", "run-subdir", "run-nested-link"} <= set(plain)
     assert len(plain) >= 15  # the demo's runs (nested names) and the zoo's plain ones
     fast = _outcome(zoo, fast_path=True, **kw)
