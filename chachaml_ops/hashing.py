@@ -7,7 +7,6 @@ symlink or FIFO swapped in after the stat is refused instead of followed or wait
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
 import os
 import stat
 import time
@@ -53,6 +52,8 @@ class RateLimit:
             raise ValueError("rate must be positive")
         self.rate = float(bytes_per_s)
         self.burst = burst_s
+        import multiprocessing  # only a throttled run needs it
+
         self._next = multiprocessing.get_context("fork").Value("d", 0.0)
 
     def __call__(self, nbytes: int) -> None:

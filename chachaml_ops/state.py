@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from chachaml_ops.errors import OpsError
 
@@ -141,9 +141,11 @@ CREATE INDEX IF NOT EXISTS verify_marks_by_run ON verify_marks (store, run_id);
 """
 
 
-@dataclass(frozen=True, slots=True)
-class VerifyMark:
-    """An artifact last verified good at `verified_at`, and what its file looked like then."""
+class VerifyMark(NamedTuple):
+    """An artifact last verified good at `verified_at`, and what its file looked like then.
+
+    A NamedTuple, not a frozen dataclass: one is built per artifact on every incremental run,
+    and a tuple is built several times faster."""
 
     artifact_id: str
     run_id: str
@@ -177,7 +179,7 @@ class MarkReader:
                 f" FROM verify_marks WHERE store = ? AND run_id IN ({','.join('?' * len(part))})"
             )
             for r in self.conn.execute(sql, (self.store, *part)):
-                out[r[0]] = VerifyMark(*r)
+                out[r[0]] = VerifyMark._make(r)
         return out
 
     def run_summary(self) -> dict[str, tuple[int, float]]:

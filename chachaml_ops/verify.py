@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import math
-import multiprocessing
 import os
 import re
 import signal
@@ -409,12 +408,14 @@ def _use_processes(ctx: _Context, batches: list[_Batch], stats: CheckStats) -> b
     opts = ctx.opts
     if not opts.processes or opts.jobs < 2 or len(batches) < 2:
         return False
-    if "fork" not in multiprocessing.get_all_start_methods():
-        return False
     # Threads already hash large files in parallel (hashlib drops the GIL); processes pay
     # off where Python's per-file work dominates: quick checks and many small files.
     mean_size = stats.bytes_total / max(stats.rows_total, 1)
-    return not opts.hash or mean_size < _THREADS_FROM_MEAN_SIZE
+    if opts.hash and mean_size >= _THREADS_FROM_MEAN_SIZE:
+        return False
+    import multiprocessing  # here, not at the top: most runs never fork (7 ms of start-up)
+
+    return "fork" in multiprocessing.get_all_start_methods()
 
 
 def _run_batches(
@@ -424,6 +425,8 @@ def _run_batches(
         stats.workers = "processes"
         global _WORKER_CONTEXT
         _WORKER_CONTEXT = ctx
+        import multiprocessing
+
         pool = multiprocessing.get_context("fork").Pool(ctx.opts.jobs, _worker_init)
         try:
             for result in pool.imap(_worker_batch, batches):
@@ -885,8 +888,8 @@ def _hash_plain_folder(
     suspects: set[str],
     hasher: _PlainHasher,
 ) -> None:
-    """Full verify: open each file relative to its folder, fstat, skip what its mark vouches
-    for, hash the rest. Anything not clean joins `suspects`."""
+    """Full verify, relative to the file's folder: skip what its mark vouches for (one lstat),
+    open and hash the rest (fstat of the open file). Anything not clean joins `suspects`."""
     opts, stats = ctx.opts, hasher.res.stats
     subset, max_age, now = opts.subset, opts.max_age, ctx.clock()
     tracking = ctx.marks is not None
@@ -897,14 +900,18 @@ def _hash_plain_folder(
         if stats.interrupted or (ctx.stop is not None and ctx.stop()):
             stats.interrupted = True
             return
+        mark = marks.get(aid)
+        fresh = mark is None or mark.sha256 != sha
+        file_fd = -1
         try:
-            file_fd, st = open_regular(base, dir_fd=fd)
+            if fresh or max_age is None:
+                file_fd, st = open_regular(base, dir_fd=fd)
+            else:  # its mark may vouch for it: no need to open it yet
+                st = os.lstat(base, dir_fd=fd)
         except OSError:
             suspects.add(name)
             continue
-        mark = marks.get(aid)
-        fresh = mark is None or mark.sha256 != sha
-        if st.st_size != size:
+        if st.st_size != size or not stat.S_ISREG(st.st_mode):
             suspects.add(name)
         elif tracking and fresh:
             stats.files_never_verified += 1
@@ -913,14 +920,30 @@ def _hash_plain_folder(
             stats.oldest_verified is None or mark.verified_at < stats.oldest_verified
         ):
             stats.oldest_verified = mark.verified_at
-        if st.st_size != size or (subset is not None and not subset.contains(aid)):
-            os.close(file_fd)
-            continue
-        if not fresh and max_age is not None and _mark_holds(mark, sha, st, now, max_age):
-            os.close(file_fd)
+        skip = name in suspects or (subset is not None and not subset.contains(aid))
+        if (
+            not skip
+            and not fresh
+            and max_age is not None
+            and _mark_holds(mark, sha, st, now, max_age)
+        ):
             stats.files_skipped += 1
             stats.bytes_skipped += size
+            skip = True
+        if skip:
+            if file_fd >= 0:
+                os.close(file_fd)
             continue
+        if file_fd < 0:
+            try:
+                file_fd, st = open_regular(base, dir_fd=fd)
+            except OSError:
+                suspects.add(name)
+                continue
+            if st.st_size != size:
+                os.close(file_fd)
+                suspects.add(name)
+                continue
         hasher.submit(file_fd, _PlainFile(run.run_id, aid, name, size, sha, st, fresh, suspects))
 
 
