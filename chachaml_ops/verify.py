@@ -235,6 +235,7 @@ class _Context:
     progress: ProgressFn | None = None  # inline only: workers report per batch
     root_problem: str | None = None  # the artifact dir itself could not be listed
     stop: StopFn | None = None  # asked per chunk inside a file too (a 20 GiB file is minutes)
+    bytes_total: int = 0  # recorded sizes of the rows to check
 
     def open(self) -> _Context:
         """Per-process connections: SQLite handles must never cross a fork."""
@@ -292,6 +293,7 @@ def check_store(
             marks_key=marks_key,
             state_dir=state_dir,
             stop=should_stop,
+            bytes_total=stats.bytes_total,
         )
         strays, batches = _plan(counts, tree, opts, ctx)
         if ctx.root_problem is not None:
@@ -369,7 +371,12 @@ def _plan(
 
         units.sort(key=priority)
     total = sum(counts.values())
-    target = min(20_000, max(_MIN_BATCH_ROWS, total // max(1, opts.jobs * 8)))
+    if _hashes_on_threads(opts, ctx.bytes_total, total):
+        # One process: batches only bound memory, and each ends by waiting for its hashes,
+        # so fewer, larger batches keep the threads busy while rows are being stat'ed.
+        target = _MAX_BATCH_ROWS
+    else:  # enough batches to keep every worker process busy to the end
+        target = min(_MAX_BATCH_ROWS, max(_MIN_BATCH_ROWS, total // max(1, opts.jobs * 8)))
     batches: list[_Batch] = []
     runs: list[str] = []
     scan: list[str] = []
@@ -408,14 +415,17 @@ def _use_processes(ctx: _Context, batches: list[_Batch], stats: CheckStats) -> b
     opts = ctx.opts
     if not opts.processes or opts.jobs < 2 or len(batches) < 2:
         return False
-    # Threads already hash large files in parallel (hashlib drops the GIL); processes pay
-    # off where Python's per-file work dominates: quick checks and many small files.
-    mean_size = stats.bytes_total / max(stats.rows_total, 1)
-    if opts.hash and mean_size >= _THREADS_FROM_MEAN_SIZE:
+    if _hashes_on_threads(opts, stats.bytes_total, stats.rows_total):
         return False
     import multiprocessing  # here, not at the top: most runs never fork (7 ms of start-up)
 
     return "fork" in multiprocessing.get_all_start_methods()
+
+
+def _hashes_on_threads(opts: CheckOptions, bytes_total: int, rows_total: int) -> bool:
+    """Threads already hash large files in parallel (hashlib drops the GIL); processes pay
+    off where Python's per-file work dominates: quick checks and many small files."""
+    return opts.hash and opts.rows and bytes_total / max(rows_total, 1) >= _THREADS_FROM_MEAN_SIZE
 
 
 def _run_batches(
@@ -459,6 +469,7 @@ _WORKER_CONTEXT: _Context | None = None
 _THREADS_FROM_MEAN_SIZE = 1 << 20
 # Big enough that a fork and a result pickle cost little next to the batch's work.
 _MIN_BATCH_ROWS = 500
+_MAX_BATCH_ROWS = 20_000
 
 
 def _worker_init() -> None:
