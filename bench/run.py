@@ -400,7 +400,7 @@ def bench_large(q: bool, figs: list[Figure], facts: dict) -> None:
             achieved / MIB,
             rate / MIB,
             "MiB/s",
-            "<= the limit, near it",
+            "within 5% of the limit",
             achieved <= rate * 1.05 and achieved >= rate * 0.8,
         )
     )

@@ -848,7 +848,9 @@ def restore(archive, target, force, include_orphans, jobs, as_json):
     opts = RestoreOptions(force=force, include_orphans=include_orphans, jobs=jobs)
     result = restore_archive(archive, target, opts)
     reports = [result.report] + ([result.verify] if result.verify is not None else [])
-    errors = sum(r.severity_counts().get("error", 0) for r in reports)
+    # The restored store's own check counts each problem once (the archive's report names the
+    # same ones again, as at_backup findings).
+    errors = (result.verify or result.report).severity_counts().get("error", 0)
     if not result.restored:
         code = EXIT_ERRORS
     else:
@@ -858,6 +860,7 @@ def restore(archive, target, force, include_orphans, jobs, as_json):
         doc["verify"] = result.verify.to_json() if result.verify else None
         doc["restored"] = result.restored
         doc["exit_code"] = code
+        doc["summary"]["exit_code"] = code  # the whole command's, like every other report
         _emit_doc(doc)
     else:
         _emit(result.report, False)

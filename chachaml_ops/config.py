@@ -25,7 +25,7 @@ from chachaml_ops.state import (
     default_state_dir,
     store_key,
 )
-from chachaml_ops.units import parse_duration
+from chachaml_ops.units import parse_duration, parse_size
 from chachaml_ops.verify import Subset
 
 ENV_VAR = CONFIG_ENV_VAR
@@ -205,8 +205,9 @@ class VerifyConfig:
     quick: bool = False
     drop_cache: bool = True  # a nightly full read should not evict the page cache
     min_age: float = 3600.0
-    max_duration: float | None = None  # passed on when verify.CheckOptions knows it
-    max_age: float | None = None  # likewise
+    max_duration: float | None = None  # hashing budget per run, least recently verified first
+    max_age: float | None = None  # skip files verified good this recently and unchanged since
+    max_rate: int | None = None  # bytes/s ceiling on hashing reads
 
 
 @dataclass(frozen=True)
@@ -411,6 +412,15 @@ def _positive_duration(value: Any) -> float:
     return seconds
 
 
+def _rate(value: Any) -> int:
+    if isinstance(value, bool):
+        raise TypeError('must be a rate like "200M"')
+    rate = value if isinstance(value, int) else parse_size(_string(value))
+    if rate <= 0:
+        raise ValueError(f"must be more than zero, not {value!r}")
+    return rate
+
+
 def _cron(value: Any) -> CronSpec:
     return parse_cron(_string(value))
 
@@ -477,6 +487,7 @@ def parse_config(doc: dict[str, Any], source: Path) -> Config:
         min_age=v.get("min_age", _duration, 3600.0, 'e.g. "1h"'),
         max_duration=v.get("max_duration", _positive_duration, None, 'e.g. "2h"'),
         max_age=v.get("max_age", _duration, None, 'e.g. "30d"'),
+        max_rate=v.get("max_rate", _rate, None, 'bytes per second, e.g. "200M"'),
     )
     v.finish()
     o = _Reader(doc.get("orphans", {}), "orphans", problems)

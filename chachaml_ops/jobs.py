@@ -186,6 +186,7 @@ class JobRunner:
             "subset": None if quick or cfg.subset is None else self._next_subset(store, cfg.subset),
             "min_age": cfg.min_age,
             "drop_cache": cfg.drop_cache,
+            "max_rate": cfg.max_rate,
         }
         if cfg.jobs:
             kw["jobs"] = cfg.jobs

@@ -252,7 +252,11 @@ def _label(key: str) -> str:
 def _stat_value(key: str, value: Any) -> str:
     if key in _LABELS:
         return _LABELS[key][1](value)
-    if key.endswith("bytes") and isinstance(value, int):
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if value is None:
+        return "none"
+    if (key.endswith("bytes") or key.startswith("bytes_")) and isinstance(value, int):
         return f"{human_bytes(value)} ({value} bytes)" if value >= 1024 else f"{value} bytes"
     if isinstance(value, dict):
         return ", ".join(f"{k} {v}" for k, v in value.items())

@@ -914,6 +914,8 @@ def test_an_unwritable_state_db_fails_the_start_with_exit_3_and_never_loses_a_jo
         ('[verify]\nquick = "yes"', "verify.quick", "; true"),
         ("[backup]\nkeep_daily = -1", "backup.keep_daily", "; archives kept"),
         ('[watch]\nenabled = "true"', "watch.enabled", "; true or false"),
+        ('[verify]\nmax_rate = "fast"', "verify.max_rate", "; bytes per second"),
+        ("[verify]\nmax_rate = 0", "verify.max_rate", "more than zero"),
     ],
 )
 def test_config_rejects_useless_values_with_a_hint(tmp_path, clean_store, snippet, key, text):
@@ -929,6 +931,21 @@ def test_config_rejects_useless_values_with_a_hint(tmp_path, clean_store, snippe
         parse_config(doc, tmp_path / "c.toml")
     problem = next(p for p in caught.value.problems if p.key == key)
     assert text in str(problem) and problem.hint, str(problem)
+
+
+def test_the_daemon_verify_job_passes_max_rate_on(tmp_path, clean_store):
+    import tomllib
+
+    body = (
+        f'state_dir = "{tmp_path}/st"\n[[store]]\nname = "main"\ndb = "{clean_store.db}"\n'
+        '[verify]\nmax_rate = "256K"\n'
+    )
+    config = parse_config(tomllib.loads(body), tmp_path / "c.toml")
+    assert config.verify.max_rate == 256 * 2**10
+    started = time.monotonic()
+    outcome = JobRunner(config, lambda: False).run("main", "verify")
+    # The clean store holds ~250 KiB: at 256 KiB/s, less a 0.25 s burst, that is ~0.7 s.
+    assert outcome.exit_code == 0 and time.monotonic() - started >= 0.5
 
 
 def test_config_file_problems_and_a_duplicate_db_name_the_right_things(tmp_path, clean_store):
