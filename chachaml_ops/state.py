@@ -157,6 +157,12 @@ class VerifyMark(NamedTuple):
     verified_at: float
 
 
+def _text(raw: bytes) -> str:
+    # Artifact and run ids are bound as their exact bytes (see put_marks): ids that are not
+    # UTF-8 come back as the same surrogate-escaped strings the chachaml DB gave.
+    return raw.decode("utf-8", "surrogateescape")
+
+
 class MarkReader:
     """A read-only view of the verify marks, one per process (forked workers open their own)."""
 
@@ -164,6 +170,7 @@ class MarkReader:
         path = os.path.abspath(Path(state_dir) / "state.db")
         self.store = store
         self.conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        self.conn.text_factory = _text
 
     def close(self) -> None:
         self.conn.close()
@@ -176,9 +183,10 @@ class MarkReader:
             part = ids[i : i + 500]
             sql = (
                 "SELECT artifact_id, run_id, size, mtime_ns, inode, ctime_ns, sha256, verified_at"
-                f" FROM verify_marks WHERE store = ? AND run_id IN ({','.join('?' * len(part))})"
+                " FROM verify_marks WHERE store = ?"
+                f" AND run_id IN ({','.join(['CAST(? AS TEXT)'] * len(part))})"
             )
-            for r in self.conn.execute(sql, (self.store, *part)):
+            for r in self.conn.execute(sql, (self.store, *map(os.fsencode, part))):
                 out[r[0]] = VerifyMark._make(r)
         return out
 
@@ -238,12 +246,13 @@ class StateDB:
         """Record artifacts just verified good (replacing older marks)."""
         self.conn.execute("BEGIN")
         self.conn.executemany(
-            "INSERT OR REPLACE INTO verify_marks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO verify_marks"
+            " VALUES (?, CAST(? AS TEXT), CAST(? AS TEXT), ?, ?, ?, ?, ?, ?)",
             (
                 (
                     store,
-                    m.artifact_id,
-                    m.run_id,
+                    os.fsencode(m.artifact_id),
+                    os.fsencode(m.run_id),
                     m.size,
                     m.mtime_ns,
                     m.inode,
@@ -259,8 +268,8 @@ class StateDB:
     def drop_marks(self, store: str, artifact_ids: Iterable[str]) -> None:
         """Forget artifacts found bad (or gone), so the next run hashes them again."""
         self.conn.executemany(
-            "DELETE FROM verify_marks WHERE store = ? AND artifact_id = ?",
-            ((store, a) for a in artifact_ids),
+            "DELETE FROM verify_marks WHERE store = ? AND artifact_id = CAST(? AS TEXT)",
+            ((store, os.fsencode(a)) for a in artifact_ids),
         )
 
     def last_job(self, store: str, job: str, *, success: bool = False) -> JobRun | None:

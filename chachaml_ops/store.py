@@ -52,6 +52,8 @@ class RunAggregate:
     sizes: str | None  # None unless asked for
     hashes: str | None
     odd_hashes: int  # rows whose hash is not TEXT (NULL, a BLOB, a number)
+    null_names: int  # rows with a NULL id, name or path
+    null_sizes: int  # rows with a NULL size (0 unless sizes were asked for)
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,13 +321,16 @@ class Store:
         where, args = self._run_filter(run_ids)
         id_col = "group_concat(a.id, char(0))" if ids else "NULL"
         extra = (
-            "group_concat(a.size), group_concat(a.hash), total(typeof(a.hash) != 'text')"
+            "group_concat(a.size), group_concat(a.hash), total(typeof(a.hash) != 'text'),"
+            " count(*) - count(a.size)"
             if detail
-            else "NULL, NULL, 0"
+            else "NULL, NULL, 0, 0"
         )
         sql = (
             f"SELECT a.run_id, count(*), {id_col}, group_concat(a.name, char(0)),"
-            f" group_concat(a.path, char(0)), {extra} FROM artifacts a{where} GROUP BY a.run_id"
+            f" group_concat(a.path, char(0)), {extra},"
+            " 3 * count(*) - count(a.id) - count(a.name) - count(a.path)"
+            f" FROM artifacts a{where} GROUP BY a.run_id"
         )
         rows = self._guard(self._fetchall, sql, args)
         return [
@@ -338,6 +343,8 @@ class Store:
                 None if r[5] is None else _as_text(r[5]),
                 None if r[6] is None else _as_text(r[6]),
                 int(r[7]),
+                int(r[9]),
+                int(r[8]),
             )
             for r in rows
         ]

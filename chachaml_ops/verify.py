@@ -38,6 +38,7 @@ from chachaml_ops.hashing import (
 from chachaml_ops.layout import (
     ArtifactTree,
     UnsafePath,
+    confined,
     file_type,
     is_object_key,
     prefixes,
@@ -588,6 +589,8 @@ _HEX_LIST = re.compile(r"[0-9a-fA-F]{64}(?:,[0-9a-fA-F]{64})*")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _ST_SIZE = attrgetter("st_size")
 _ST_MODE = attrgetter("st_mode")
+_INLINE_BELOW = 1 << 18  # smaller files are hashed on the calling thread
+_PATH_MAX = os.pathconf("/", "PC_PATH_MAX") if hasattr(os, "pathconf") else 4096
 
 
 @dataclass(slots=True)
@@ -602,11 +605,13 @@ class _PlainRun:
 
 
 def _plain_run(
-    agg: RunAggregate, known: set[str] | None, detail: bool, hashing: bool
+    agg: RunAggregate, known: set[str] | None, detail: bool, hashing: bool, root_len: int = 0
 ) -> _PlainRun | None:
     """The run's rows as parallel lists when every one of them is plain, else None. Sizes
     and hashes are checked with `detail`; ids and hashes are kept only for `hashing`."""
     run_id, n = agg.run_id, agg.count
+    if agg.null_names:  # group_concat skips NULLs: a NUL inside another value could fill in
+        return None
     if run_id in _NOT_A_NAME or "/" in run_id or "\x00" in run_id:
         return None
     if known is not None and run_id not in known:
@@ -616,6 +621,9 @@ def _plain_run(
         return None
     prefix = run_id + "/"
     if agg.paths != prefix + ("\x00" + prefix).join(names):
+        return None
+    # Paths past PATH_MAX: the per-row path says it cannot reach them; descriptors could.
+    if root_len + 4 * (len(run_id) + max(map(len, names))) + 2 >= _PATH_MAX:
         return None
     folders = _folders_of(names, "/" in agg.names)
     if folders is None:
@@ -627,7 +635,7 @@ def _plain_run(
             return None
     if not detail:
         return _PlainRun(run_id, ids, names, [], [], folders)
-    if agg.sizes is None or agg.hashes is None or agg.odd_hashes:
+    if agg.sizes is None or agg.hashes is None or agg.odd_hashes or agg.null_sizes:
         return None
     if len(agg.hashes) != 65 * n - 1 or not _HEX_LIST.fullmatch(agg.hashes):
         return None
@@ -648,9 +656,9 @@ def _folders_of(names: list[str], nested: bool) -> dict[str, tuple[list[int], li
         return {"": (list(range(len(names))), names)}
     folders: dict[str, tuple[list[int], list[str]]] = {}
     for i, name in enumerate(names):
-        folder, _, base = name.rpartition("/")
-        if folder and _NOT_A_NAME.intersection(folder.split("/")):
+        if _NOT_A_NAME.intersection(name.split("/")):  # 'a/', '/a', 'a//b', 'a/.', 'a/..'
             return None
+        folder, _, base = name.rpartition("/")
         idx, bases = folders.setdefault(folder, ([], []))
         idx.append(i)
         bases.append(base)
@@ -687,7 +695,7 @@ def _check_plain_runs(
     plain: dict[str, _PlainRun] = {}
     hashing = opts.rows and opts.hash
     for agg in store.run_aggregates(batch.runs, ids=hashing, detail=opts.rows):
-        run = _plain_run(agg, known, opts.rows, hashing)
+        run = _plain_run(agg, known, opts.rows, hashing, len(ctx.tree.root_b))
         if run is not None:
             plain[run.run_id] = run
     folders = set(batch.folders)
@@ -726,7 +734,8 @@ def _check_plain_runs(
     return slow, tuple(f for f in batch.folders if f in folders), retry
 
 
-_Listing = tuple[dict[str, str], set[str]]  # non-folder entries -> type, subfolder names
+# (regular files, other non-folder entries -> 'symlink'/'special', subfolders)
+_Listing = tuple[set[str], dict[str, str], set[str]]
 
 
 def _check_plain_run(
@@ -747,21 +756,24 @@ def _check_plain_run(
         return None
     try:
         wanted = None if scan else set(run.folders)
-        listings = _list_run_tree(dfd, wanted)
+        room = _PATH_MAX - len(ctx.tree.root_b) - len(os.fsencode(run.run_id)) - 2
+        listings = _list_run_tree(dfd, wanted, room)
         if listings is None:
             return None
         named = {folder: set(bases) for folder, (_, bases) in run.folders.items()}
         for folder, bases in named.items():
             listing = listings.get(folder)
-            if listing is not None and not listing[1].isdisjoint(bases):
+            if listing is not None and not listing[2].isdisjoint(bases):
                 return None
         opts, stats = ctx.opts, res.stats
         suspects: set[str] = set()
         if opts.rows:
             for folder, (idx, bases) in run.folders.items():
                 listing = listings.get(folder)
-                absent = bases if listing is None else named[folder] - listing[0].keys()
-                if absent:  # the per-row path says which: missing, or its folder is
+                # Not listed as a regular file: missing, a symlink, a FIFO (never opened here),
+                # or its folder is missing or not a folder. The per-row path says which.
+                absent = bases if listing is None else named[folder] - listing[0]
+                if absent:
                     prefix = folder + "/" if folder else ""
                     suspects.update(prefix + base for base in absent)
                 if listing is None:
@@ -772,30 +784,40 @@ def _check_plain_run(
                     continue
                 try:
                     if opts.hash:
-                        _hash_plain_folder(ctx, run, idx, bases, gfd, marks, suspects, hasher)
+                        where = ctx.tree.abspath(f"{run.run_id}/{folder}" if folder else run.run_id)
+                        _hash_plain_folder(
+                            ctx, run, idx, bases, gfd, where, marks, suspects, hasher
+                        )
                     else:
                         _stat_plain_folder(run, idx, bases, gfd, suspects)
                 finally:
                     if gfd != dfd:
                         os.close(gfd)
         if scan:
-            for folder, (entries, _) in listings.items():
-                stats.files_seen += len(entries)
+            for folder, (files, others, _) in listings.items():
+                stats.files_seen += len(files) + len(others)
                 prefix = f"{run.run_id}/{folder}/" if folder else run.run_id + "/"
-                for name in entries.keys() - named.get(folder, set()):
-                    res.candidates.append((prefix + name, entries[name]))
+                mine = named.get(folder, set())
+                res.candidates.extend((prefix + name, "file") for name in files - mine)
+                res.candidates.extend(
+                    (prefix + name, kind) for name, kind in others.items() if name not in mine
+                )
         return suspects
     finally:
         os.close(dfd)
 
 
-def _list_run_tree(dfd: int, wanted: set[str] | None) -> dict[str, _Listing] | None:
+def _list_run_tree(dfd: int, wanted: set[str] | None, room: int) -> dict[str, _Listing] | None:
     """Listings of the run folder and the folders below it, by path inside the run ('' for
     the run folder); with `wanted`, only those folders and the ones on the way to them.
     Folders are opened with O_NOFOLLOW (a symlink is an entry, not a folder). None if a
-    folder cannot be opened or listed."""
+    folder cannot be opened or listed, or its path would be longer than `room` bytes (the
+    per-row path reports those)."""
     out: dict[str, _Listing] = {}
-    stack: list[tuple[str, int]] = [("", os.dup(dfd))]
+    try:
+        stack: list[tuple[str, int]] = [("", os.dup(dfd))]
+    except OSError:
+        return None
     try:
         while stack:
             rel, fd = stack.pop()
@@ -804,12 +826,14 @@ def _list_run_tree(dfd: int, wanted: set[str] | None) -> dict[str, _Listing] | N
                 if listing is None:
                     return None
                 out[rel] = listing
-                for sub in listing[1]:
+                for sub in listing[2]:
                     child = f"{rel}/{sub}" if rel else sub
                     if wanted is not None and not any(
                         w == child or w.startswith(child + "/") for w in wanted
                     ):
                         continue
+                    if len(os.fsencode(child)) + 256 >= room:
+                        return None
                     try:
                         stack.append((child, os.open(sub, _DIR_FLAGS, dir_fd=fd)))
                     except FileNotFoundError:
@@ -841,9 +865,10 @@ def _open_below(dfd: int, folder: str) -> int | None:
 
 
 def _list_folder(dfd: int) -> _Listing | None:
-    """(non-folder entries -> 'file'/'symlink'/'special', subfolder names), types from the
+    """(regular files, other entries -> 'symlink'/'special', subfolders), types from the
     directory listing itself; None if the folder cannot be listed."""
-    entries: dict[str, str] = {}
+    files: set[str] = set()
+    others: dict[str, str] = {}
     subdirs: set[str] = set()
     try:
         with os.scandir(dfd) as it:
@@ -852,14 +877,14 @@ def _list_folder(dfd: int) -> _Listing | None:
                     if e.is_dir(follow_symlinks=False):
                         subdirs.add(e.name)
                     elif e.is_file(follow_symlinks=False):
-                        entries[e.name] = "file"
+                        files.add(e.name)
                     else:
-                        entries[e.name] = "symlink" if e.is_symlink() else "special"
+                        others[e.name] = "symlink" if e.is_symlink() else "special"
                 except FileNotFoundError:
                     continue
     except OSError:
         return None
-    return entries, subdirs
+    return files, others, subdirs
 
 
 def _stat_plain_folder(
@@ -895,12 +920,37 @@ def _hash_plain_folder(
     idx: list[int],
     bases: list[str],
     fd: int,
+    where: bytes,
     marks: dict[str, VerifyMark],
     suspects: set[str],
     hasher: _PlainHasher,
 ) -> None:
-    """Full verify, relative to the file's folder: skip what its mark vouches for (one lstat),
-    open and hash the rest (fstat of the open file). Anything not clean joins `suspects`."""
+    """Full verify, relative to the file's folder (`fd`, which was at `where`): skip what its
+    mark vouches for (one lstat), open and hash the rest (fstat of the open file). Anything
+    not clean joins `suspects`. Small files are hashed here and their results held until the
+    folder is seen to be still in the tree (one readlink per folder, where the per-row path
+    needs one per file); large ones go to the pool, which checks each file."""
+    held: list[tuple[_PlainFile, Digest | BaseException]] = []
+    try:
+        _hash_plain_files(ctx, run, idx, bases, fd, where, marks, suspects, hasher, held)
+    finally:
+        inside = confined(fd, where)
+        for item, result in held:
+            hasher.settle(item, result if inside else OutsideTree(0, "folder left the tree"))
+
+
+def _hash_plain_files(
+    ctx: _Context,
+    run: _PlainRun,
+    idx: list[int],
+    bases: list[str],
+    fd: int,
+    where: bytes,
+    marks: dict[str, VerifyMark],
+    suspects: set[str],
+    hasher: _PlainHasher,
+    held: list[tuple[_PlainFile, Digest | BaseException]],
+) -> None:
     opts, stats = ctx.opts, hasher.res.stats
     subset, max_age, now = opts.subset, opts.max_age, ctx.clock()
     tracking = ctx.marks is not None
@@ -955,10 +1005,13 @@ def _hash_plain_folder(
                 os.close(file_fd)
                 suspects.add(name)
                 continue
-        hasher.submit(file_fd, _PlainFile(run.run_id, aid, name, size, sha, st, fresh, suspects))
-
-
-_INLINE_BELOW = 1 << 18
+        item = _PlainFile(run.run_id, aid, name, size, sha, st, fresh, suspects)
+        if hasher.pool is None or size < _INLINE_BELOW:
+            # A small file costs less to hash than to hand to a thread (which also needs the
+            # GIL back to start); only large reads, where hashlib lets go of the GIL, go there.
+            held.append((item, hasher.hash(file_fd, item)))
+        else:
+            hasher.submit(file_fd, item, where + b"/" + os.fsencode(base))
 
 
 class _PlainHasher:
@@ -970,21 +1023,19 @@ class _PlainHasher:
         self.window: deque[tuple[_PlainFile, Future[Digest | BaseException], int]] = deque()
         self.depth = max(4, ctx.opts.jobs * 4)
 
-    def submit(self, fd: int, item: _PlainFile) -> None:
-        # A small file costs less to hash than to hand to a thread (which also needs the GIL
-        # back to start); only large reads, where hashlib lets go of the GIL, go to the pool.
-        if self.pool is None or item.size < _INLINE_BELOW:
-            self._settle(item, self._hash(fd, item))
-            return
-        self.window.append((item, self.pool.submit(self._hash, fd, item), fd))
+    def submit(self, fd: int, item: _PlainFile, path: bytes) -> None:
+        """Hash on the pool; `path` is where the file must still be when it has been read."""
+        assert self.pool is not None
+        self.window.append((item, self.pool.submit(self.hash, fd, item, path), fd))
         while self.window and (len(self.window) > self.depth or self.window[0][1].done()):
             done, future, _ = self.window.popleft()
-            self._settle(done, future.result())
+            self.settle(done, future.result())
 
-    def _hash(self, fd: int, item: _PlainFile) -> Digest | BaseException:
+    def hash(self, fd: int, item: _PlainFile, path: bytes | None = None) -> Digest | BaseException:
+        """Hash an open file and close it; with `path`, confined to it like sha256_file."""
         ctx = self.ctx
         try:
-            return sha256_fd(
+            digest = sha256_fd(
                 fd,
                 item.st,
                 expected_size=item.size,
@@ -993,12 +1044,15 @@ class _PlainHasher:
                 should_stop=ctx.stop,
                 name=item.name,
             )
+            if path is not None and not confined(fd, path):
+                return OutsideTree(0, "reached through a folder that left the tree")
+            return digest
         except (OSError, Interrupted) as exc:
             return exc
         finally:
             os.close(fd)
 
-    def _settle(self, item: _PlainFile, result: Digest | BaseException) -> None:
+    def settle(self, item: _PlainFile, result: Digest | BaseException) -> None:
         stats, tracking = self.res.stats, self.ctx.marks is not None
         if isinstance(result, Interrupted):
             stats.interrupted = True  # stopped part way: no finding, the mark stays as it was
@@ -1031,16 +1085,20 @@ class _PlainHasher:
     def drain(self) -> None:
         while self.window:
             item, future, _ = self.window.popleft()
-            self._settle(item, future.result())
+            self.settle(item, future.result())
 
     def abandon(self) -> None:
-        """On the way out after an error: close the descriptors of jobs that never ran."""
+        """On the way out after an error or a stop: cancel every queued job first (closing its
+        descriptor), then wait only for those already reading."""
+        running = []
         while self.window:
             _, future, fd = self.window.popleft()
             if future.cancel():
                 os.close(fd)
             else:
-                future.exception()
+                running.append(future)
+        for future in running:
+            future.exception()
 
 
 def _lean_rows(
