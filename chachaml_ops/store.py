@@ -411,12 +411,16 @@ class Store:
         return known is not None, None
 
     def has_row_for(self, run_id: str, name: str) -> bool:
-        """Live re-check, used right before a file is moved: does a row claim it now?"""
+        """Live re-check, used right before a file is moved: does a row claim it now?
+
+        A foreign writer may have stored the ids as BLOBs, which never equal TEXT: both
+        forms are asked for, so no such row's file is ever taken for an orphan."""
         sql = (
-            "SELECT 1 FROM artifacts WHERE run_id = CAST(? AS TEXT)"
-            " AND name = CAST(? AS TEXT) LIMIT 1"
+            "SELECT 1 FROM artifacts WHERE run_id IN (CAST(? AS TEXT), CAST(? AS BLOB))"
+            " AND name IN (CAST(? AS TEXT), CAST(? AS BLOB)) LIMIT 1"
         )
-        args = (_bind(run_id), _bind(name))
+        run_b, name_b = _bind(run_id), _bind(name)
+        args = (run_b, run_b, name_b, name_b)
         return self._guard(lambda: self.conn.execute(sql, args).fetchone()) is not None
 
     def artifact_row(self, run_id: str, name: str) -> ArtifactRow | None:
