@@ -285,7 +285,8 @@ def find_config(explicit: Path | None, environ: Mapping[str, str] = os.environ) 
         return SYSTEM_PATH
     raise UsageError(
         "no config file given",
-        f"pass --config FILE, set ${ENV_VAR}, or create {SYSTEM_PATH}",
+        f"name the file (daemon --config FILE, config check FILE), set ${ENV_VAR},"
+        f" or create {SYSTEM_PATH}",
     )
 
 
@@ -351,7 +352,8 @@ class _Reader:
             return convert(self.table[name])
         except (ValueError, TypeError, UsageError) as exc:
             msg = exc.one_line() if isinstance(exc, UsageError) else str(exc)
-            self.problem(name, msg, hint)
+            # A message that already shows an example needs no second one.
+            self.problem(name, msg, "" if "e.g." in msg else hint)
             return default
 
     def finish(self, allowed: tuple[str, ...] = ()) -> None:

@@ -930,7 +930,8 @@ def test_config_rejects_useless_values_with_a_hint(tmp_path, clean_store, snippe
     with pytest.raises(ConfigError) as caught:
         parse_config(doc, tmp_path / "c.toml")
     problem = next(p for p in caught.value.problems if p.key == key)
-    assert text in str(problem) and problem.hint, str(problem)
+    assert text in str(problem), str(problem)
+    assert problem.hint or "e.g." in problem.message, "every problem shows an example"
 
 
 def test_the_daemon_verify_job_passes_max_rate_on(tmp_path, clean_store):
