@@ -12,6 +12,7 @@ import os
 import signal
 import sqlite3
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -356,7 +357,9 @@ def verify(
             subset=str(subset) if subset else None,
         )
         try:
-            report = run_check(store, artifact_dir, opts, progress=progress)
+            report = run_check(
+                store, artifact_dir, opts, progress=progress, should_stop=_STOPPING.is_set
+            )
         finally:
             progress.done()
         outcome.exit_code = report.exit_code()
@@ -669,14 +672,26 @@ class Terminated(Exception):
     """SIGTERM, raised where the process is so that `finally` blocks remove temp files."""
 
 
+# Set by SIGTERM and Ctrl-C, for threads the exception cannot reach: a thread hashing a
+# 20 GiB file asks it between chunks (verify's should_stop) instead of reading to the end.
+_STOPPING = threading.Event()
+
+
 def _terminate_cleanly() -> None:
     """For commands that hold temp files or staging folders: SIGTERM unwinds like an error
-    (cleanup runs, a half-done swap is rolled back), then exits 143."""
+    (cleanup runs, a half-done swap is rolled back), then exits 143; Ctrl-C as before, 130.
+    Both also set _STOPPING for the worker threads."""
 
     def raise_terminated(signum, frame):
+        _STOPPING.set()
         raise Terminated()
 
+    def raise_interrupt(signum, frame):
+        _STOPPING.set()
+        raise KeyboardInterrupt
+
     signal.signal(signal.SIGTERM, raise_terminated)
+    signal.signal(signal.SIGINT, raise_interrupt)
 
 
 def _emit_doc(doc: dict) -> None:

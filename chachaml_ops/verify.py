@@ -727,8 +727,9 @@ def _check_plain_runs(
     finally:
         hasher.abandon()
         os.close(root_fd)
-    for run_id in done:  # rows handed back are counted when the per-row path checks them
-        res.stats.rows += len(plain[run_id].names) - len(retry[run_id])
+    if not hashing:  # (hashing counts each row as it settles, so a stop counts what was done)
+        for run_id in done:  # rows handed back are counted when the per-row path checks them
+            res.stats.rows += len(plain[run_id].names) - len(retry[run_id])
     retry = {run_id: names for run_id, names in retry.items() if names}
     slow = tuple(r for r in batch.runs if r not in done or r in retry)
     return slow, tuple(f for f in batch.folders if f in folders), retry
@@ -994,6 +995,8 @@ def _hash_plain_files(
         if skip:
             if file_fd >= 0:
                 os.close(file_fd)
+            if name not in suspects:  # checked: present, right size (and vouched for)
+                stats.rows += 1
             continue
         if file_fd < 0:
             try:
@@ -1063,6 +1066,7 @@ class _PlainHasher:
         if not isinstance(result, Digest) or result.size != item.size or result.sha256 != item.sha:
             item.suspects.add(item.name)  # re-hashed and reported by the per-row path
             return
+        stats.rows += 1
         stats.files_hashed += 1
         stats.bytes_hashed += item.size
         if tracking:
