@@ -468,9 +468,14 @@ def bench_incremental(q: bool, figs: list[Figure], facts: dict) -> None:
     full = best_of(2, lambda: timed(verify_cmd(root)))
     seed = timed(verify_cmd(root, "--state-dir", str(state), "--max-age", "7d"))
     assert seed.code == 0, seed
-    add_new_artifacts(root, n_new, size)
-    warm(files_of(root))
-    incr = timed(verify_cmd(root, "--state-dir", str(state), "--max-age", "7d"))
+
+    def one_incremental() -> Timing:
+        # Fresh files (new inodes, no marks) each time, so every try has exactly 1% new.
+        add_new_artifacts(root, n_new, size)
+        warm(files_of(root))
+        return timed(verify_cmd(root, "--state-dir", str(state), "--max-age", "7d"))
+
+    incr = best_of(3, one_incremental)  # best of, like the full run it is compared with
     st = stats_of(incr)
     assert incr.code == 0 and st.get("files_hashed") == n_new, (incr, st)
     figs.append(

@@ -602,6 +602,7 @@ class _PlainRun:
     hashes: list[str]  # lowercase hex
     # folder inside the run ('' is the run folder) -> (row indexes, their base names)
     folders: dict[str, tuple[list[int], list[str]]]
+    name_set: set[str]  # all names, built once (the uniqueness check needs it anyway)
 
 
 def _plain_run(
@@ -617,7 +618,8 @@ def _plain_run(
     if known is not None and run_id not in known:
         return None
     names = agg.names.split("\x00")
-    if len(names) != n or _NOT_A_NAME.intersection(names) or len(set(names)) != n:
+    name_set = set(names)
+    if len(names) != n or len(name_set) != n or not _NOT_A_NAME.isdisjoint(name_set):
         return None
     prefix = run_id + "/"
     if agg.paths != prefix + ("\x00" + prefix).join(names):
@@ -634,7 +636,7 @@ def _plain_run(
         if len(ids) != n:
             return None
     if not detail:
-        return _PlainRun(run_id, ids, names, [], [], folders)
+        return _PlainRun(run_id, ids, names, [], [], folders, name_set)
     if agg.sizes is None or agg.hashes is None or agg.odd_hashes or agg.null_sizes:
         return None
     if len(agg.hashes) != 65 * n - 1 or not _HEX_LIST.fullmatch(agg.hashes):
@@ -646,7 +648,7 @@ def _plain_run(
     if len(sizes) != n:
         return None
     hashes = agg.hashes.lower().split(",") if hashing else []
-    return _PlainRun(run_id, ids, names, sizes, hashes, folders)
+    return _PlainRun(run_id, ids, names, sizes, hashes, folders, name_set)
 
 
 def _folders_of(names: list[str], nested: bool) -> dict[str, tuple[list[int], list[str]]] | None:
@@ -761,7 +763,10 @@ def _check_plain_run(
         listings = _list_run_tree(dfd, wanted, room)
         if listings is None:
             return None
-        named = {folder: set(bases) for folder, (_, bases) in run.folders.items()}
+        if list(run.folders) == [""]:  # all in the run folder itself
+            named = {"": run.name_set}
+        else:
+            named = {folder: set(bases) for folder, (_, bases) in run.folders.items()}
         for folder, bases in named.items():
             listing = listings.get(folder)
             if listing is not None and not listing[2].isdisjoint(bases):
@@ -871,14 +876,15 @@ def _list_folder(dfd: int) -> _Listing | None:
     files: set[str] = set()
     others: dict[str, str] = {}
     subdirs: set[str] = set()
+    add_file = files.add  # a million entries: the per-entry lookups are what this costs
     try:
         with os.scandir(dfd) as it:
             for e in it:
                 try:
-                    if e.is_dir(follow_symlinks=False):
+                    if e.is_file(follow_symlinks=False):  # the common case first
+                        add_file(e.name)
+                    elif e.is_dir(follow_symlinks=False):
                         subdirs.add(e.name)
-                    elif e.is_file(follow_symlinks=False):
-                        files.add(e.name)
                     else:
                         others[e.name] = "symlink" if e.is_symlink() else "special"
                 except FileNotFoundError:
