@@ -964,6 +964,9 @@ def prune(out_dir, db, keep_last, keep_daily, keep_weekly, keep_monthly, dry_run
     sys.exit(EXIT_ERRORS if failed else report.exit_code())
 
 
+_GROUP_OPTIONS = ("--log-level", "--version")
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         rv = cli.main(args=argv, prog_name="chachaml-ops", standalone_mode=False)
@@ -973,7 +976,10 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.UsageError as exc:
         where = exc.ctx.command_path if exc.ctx else "chachaml-ops"
         message = exc.format_message().rstrip(".")
-        click.echo(f"Error: {message}; see '{where} --help'", err=True)
+        hint = f"see '{where} --help'"
+        if isinstance(exc, click.exceptions.NoSuchOption) and exc.option_name in _GROUP_OPTIONS:
+            hint = f"{exc.option_name} goes before the command: chachaml-ops {exc.option_name} ..."
+        click.echo(f"Error: {message}; {hint}", err=True)
         sys.exit(EXIT_CANNOT_CHECK)
     except click.exceptions.ClickException as exc:
         click.echo(f"Error: {exc.format_message()}", err=True)

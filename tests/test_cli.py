@@ -317,3 +317,12 @@ def test_sigterm_during_a_forked_verify_stops_workers_and_frees_the_lock(tmp_pat
     assert "Traceback" not in err
     # no worker outlives the parent holding the store lock
     assert run_cli("verify", "--db", store.db, "--quick").code == 0
+
+
+def test_a_global_option_after_the_command_says_where_it_goes(clean_store):
+    result = run_cli("verify", "--log-level", "info", "--db", clean_store.db)
+    assert result.code == 3
+    assert result.stderr.strip().splitlines() == [
+        "Error: No such option '--log-level'; --log-level goes before the command:"
+        " chachaml-ops --log-level ..."
+    ]
