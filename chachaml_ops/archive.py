@@ -795,8 +795,17 @@ def _judge_row(row, scan: ArchiveScan, recorded, damaged: set[str]) -> Finding |
         return None  # S3 bytes were never on disk; the backup recorded that
     try:
         relpath = resolve_stored_path(row.path)
-    except UnsafePath:
-        return None  # never read at backup time; recorded there as unsafe_path
+    except UnsafePath as exc:
+        # Never read at backup time either: the snapshot's own row shows it, so it is the
+        # store's problem, repeated like the others it had then.
+        return Finding(
+            "unsafe_path",
+            row.path,
+            f"{exc}; never read at backup time (a problem of the store)",
+            row.id,
+            row.run_id,
+            {"stored_path": row.path, "at_backup": True},
+        )
     name = artifact_member(relpath)
     at_backup = recorded.get(relpath)
     extra: dict[str, Any] = {"member": name}

@@ -97,6 +97,21 @@ def test_rotten_artifact_is_archived_as_found_and_exits_2(store_factory, tmp_pat
     assert verified.json()["summary"]["intact"] is True
 
 
+def test_an_unsafe_path_the_store_had_is_repeated_by_verify_backup(store_factory, tmp_path):
+    store = store_factory(["escaped_path"])
+    (planted,) = store.planted
+    res = _backup(store, tmp_path / "out")
+    assert [(f["kind"], f["path"]) for f in res.json()["findings"]] == [
+        ("unsafe_path", planted.path)
+    ]
+    verified = run_cli("verify-backup", res.json()["archive"], "--json")
+    assert verified.code == 2
+    (finding,) = verified.json()["findings"]
+    assert (finding["kind"], finding["path"]) == ("unsafe_path", planted.path)
+    assert finding["at_backup"] is True
+    assert verified.json()["summary"]["intact"] is True
+
+
 def test_missing_file_is_skipped_and_recorded(clean_store, tmp_path):
     _, run_id, name = clean_store.artifacts[0]
     (clean_store.artifact_dir / run_id / name).unlink()
