@@ -1,7 +1,8 @@
 """Benchmarks for verify/orphans at scale, each against the usual alternative in the same run.
 
 Builds its stores under bench/work/ (reused between runs), prints a table and writes
-bench/results.json. `--only NAME` runs one figure group, `--quick` uses smaller sizes.
+bench/results.json. `--only NAME` runs one figure group, `--quick` uses smaller sizes (for
+iterating: the goals are for the full sizes); either writes bench/results-NAME[-quick].json.
 """
 
 from __future__ import annotations
@@ -643,7 +644,13 @@ def main() -> None:
             for f in figs
         ],
     }
-    out = HERE / ("results-quick.json" if args.quick else "results.json")
+    # A partial or --quick run never replaces the full run's results.json.
+    name = (
+        "results"
+        + "".join(f"-{g}" for g in sorted(args.only or ()))
+        + ("-quick" if args.quick else "")
+    )
+    out = HERE / f"{name}.json"
     out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {out}", file=sys.stderr)
 

@@ -353,7 +353,7 @@ class _Reader:
         except (ValueError, TypeError, UsageError) as exc:
             msg = exc.one_line() if isinstance(exc, UsageError) else str(exc)
             # A message that already shows an example needs no second one.
-            self.problem(name, msg, "" if "e.g." in msg else hint)
+            self.problem(name, msg, "" if "e.g." in msg or hint in msg else hint)
             return default
 
     def finish(self, allowed: tuple[str, ...] = ()) -> None:
