@@ -18,6 +18,7 @@ from typing import Any
 
 from chachaml_ops.errors import OpsError, UsageError
 from chachaml_ops.layout import derive_artifact_dir
+from chachaml_ops.report import human_bytes, human_duration
 from chachaml_ops.state import (
     CONFIG_ENV_VAR,
     SYSTEM_CONFIG,
@@ -650,6 +651,21 @@ def state_dir_problem(state_dir: Path) -> str:
     return ""
 
 
+def _verify_settings(v: VerifyConfig) -> str:
+    """How the verify job will read, in one line (so `config check` shows what was read)."""
+    parts = ["quick (presence and size)" if v.quick else "full (hashes)"]
+    if v.subset:
+        parts.append(f"subset {v.subset}, rotating")
+    if v.max_age is not None:
+        parts.append(f"skips files verified within {human_duration(v.max_age)}")
+    if v.max_duration is not None:
+        parts.append(f"hashing budget {human_duration(v.max_duration)}")
+    if v.max_rate is not None:
+        parts.append(f"at most {human_bytes(v.max_rate)}/s")
+    parts.append("drops hashed files from the page cache" if v.drop_cache else "keeps the cache")
+    return "; ".join(parts)
+
+
 def describe(config: Config) -> list[str]:
     """Short lines saying what the config will do, for `config check`."""
     lines = [f"config {config.source}: OK", f"  state dir: {config.state_dir}"]
@@ -663,6 +679,8 @@ def describe(config: Config) -> list[str]:
         spec = config.schedule(task)
         when = f'cron "{spec}" ({config.timezone})' if spec else "not scheduled"
         lines.append(f"  {task}: {when}")
+        if task == "verify" and spec:
+            lines.append(f"    {_verify_settings(config.verify)}")
     lines.append(f"  watch: {'on' if config.watch.enabled else 'off'}")
     if config.metrics.textfile:
         lines.append(f"  metrics: {config.metrics.textfile}")

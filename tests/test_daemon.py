@@ -1087,3 +1087,18 @@ def test_sigterm_while_a_ping_trickles_exits_0_at_once(tmp_path, clean_store, tr
         assert time.monotonic() - t0 < 5
     assert daemon.event("job_skipped", timeout=1)["reason"] == "daemon stopping"
     assert not any(e.get("event") == "job_finished" for e in daemon.events)
+
+
+def test_config_check_shows_how_the_verify_job_will_read(tmp_path, clean_store):
+    config = write_config(
+        tmp_path / "c.toml",
+        clean_store,
+        state=tmp_path / "st",
+        extra='[verify]\nschedule = "0 3 * * *"\nmax_age = "7d"\nmax_rate = "200M"\n',
+    )
+    result = run_cli("config", "check", config)
+    assert result.code == 0, result.stderr
+    assert (
+        "    full (hashes); skips files verified within 7d0h; at most 200.0 MiB/s;"
+        " drops hashed files from the page cache"
+    ) in result.stdout.splitlines()
