@@ -937,90 +937,75 @@ def _hash_plain_folder(
     not clean joins `suspects`. Small files are hashed here and their results held until the
     folder is seen to be still in the tree (one readlink per folder, where the per-row path
     needs one per file); large ones go to the pool, which checks each file."""
+    opts, stats = ctx.opts, hasher.res.stats
+    subset, max_age, now = opts.subset, opts.max_age, ctx.clock()
+    tracking = ctx.marks is not None
     held: list[tuple[_PlainFile, Digest | BaseException]] = []
     try:
-        _hash_plain_files(ctx, run, idx, bases, fd, where, marks, suspects, hasher, held)
+        for i, base in zip(idx, bases, strict=True):
+            aid, name, size, sha = run.ids[i], run.names[i], run.sizes[i], run.hashes[i]
+            if name in suspects:
+                continue
+            if stats.interrupted or (ctx.stop is not None and ctx.stop()):
+                stats.interrupted = True
+                return
+            mark = marks.get(aid)
+            fresh = mark is None or mark.sha256 != sha
+            file_fd = -1
+            try:
+                if fresh or max_age is None:
+                    file_fd, st = open_regular(base, dir_fd=fd)
+                else:  # its mark may vouch for it: no need to open it yet
+                    st = os.lstat(base, dir_fd=fd)
+            except OSError:
+                suspects.add(name)
+                continue
+            if st.st_size != size or not stat.S_ISREG(st.st_mode):
+                suspects.add(name)
+            elif tracking and fresh:
+                stats.files_never_verified += 1
+                stats.bytes_never_verified += size
+            elif tracking and (
+                stats.oldest_verified is None or mark.verified_at < stats.oldest_verified
+            ):
+                stats.oldest_verified = mark.verified_at
+            skip = name in suspects or (subset is not None and not subset.contains(aid))
+            if (
+                not skip
+                and not fresh
+                and max_age is not None
+                and _mark_holds(mark, sha, st, now, max_age)
+            ):
+                stats.files_skipped += 1
+                stats.bytes_skipped += size
+                skip = True
+            if skip:
+                if file_fd >= 0:
+                    os.close(file_fd)
+                if name not in suspects:  # checked: present, right size (and vouched for)
+                    stats.rows += 1
+                continue
+            if file_fd < 0:
+                try:
+                    file_fd, st = open_regular(base, dir_fd=fd)
+                except OSError:
+                    suspects.add(name)
+                    continue
+                if st.st_size != size:
+                    os.close(file_fd)
+                    suspects.add(name)
+                    continue
+            item = _PlainFile(run.run_id, aid, name, size, sha, st, fresh, suspects)
+            if hasher.pool is None or size < _INLINE_BELOW:
+                # A small file costs less to hash than to hand to a thread (which also needs the
+                # GIL back to start); only large reads, where hashlib lets go of the GIL, go there.
+                held.append((item, hasher.hash(file_fd, item)))
+            else:
+                hasher.submit(file_fd, item, where + b"/" + os.fsencode(base))
     finally:
         inside = confined(fd, where)
         for item, result in held:
             hasher.settle(item, result if inside else OutsideTree(0, "folder left the tree"))
-
-
-def _hash_plain_files(
-    ctx: _Context,
-    run: _PlainRun,
-    idx: list[int],
-    bases: list[str],
-    fd: int,
-    where: bytes,
-    marks: dict[str, VerifyMark],
-    suspects: set[str],
-    hasher: _PlainHasher,
-    held: list[tuple[_PlainFile, Digest | BaseException]],
-) -> None:
-    opts, stats = ctx.opts, hasher.res.stats
-    subset, max_age, now = opts.subset, opts.max_age, ctx.clock()
-    tracking = ctx.marks is not None
-    for i, base in zip(idx, bases, strict=True):
-        aid, name, size, sha = run.ids[i], run.names[i], run.sizes[i], run.hashes[i]
-        if name in suspects:
-            continue
-        if stats.interrupted or (ctx.stop is not None and ctx.stop()):
-            stats.interrupted = True
-            return
-        mark = marks.get(aid)
-        fresh = mark is None or mark.sha256 != sha
-        file_fd = -1
-        try:
-            if fresh or max_age is None:
-                file_fd, st = open_regular(base, dir_fd=fd)
-            else:  # its mark may vouch for it: no need to open it yet
-                st = os.lstat(base, dir_fd=fd)
-        except OSError:
-            suspects.add(name)
-            continue
-        if st.st_size != size or not stat.S_ISREG(st.st_mode):
-            suspects.add(name)
-        elif tracking and fresh:
-            stats.files_never_verified += 1
-            stats.bytes_never_verified += size
-        elif tracking and (
-            stats.oldest_verified is None or mark.verified_at < stats.oldest_verified
-        ):
-            stats.oldest_verified = mark.verified_at
-        skip = name in suspects or (subset is not None and not subset.contains(aid))
-        if (
-            not skip
-            and not fresh
-            and max_age is not None
-            and _mark_holds(mark, sha, st, now, max_age)
-        ):
-            stats.files_skipped += 1
-            stats.bytes_skipped += size
-            skip = True
-        if skip:
-            if file_fd >= 0:
-                os.close(file_fd)
-            if name not in suspects:  # checked: present, right size (and vouched for)
-                stats.rows += 1
-            continue
-        if file_fd < 0:
-            try:
-                file_fd, st = open_regular(base, dir_fd=fd)
-            except OSError:
-                suspects.add(name)
-                continue
-            if st.st_size != size:
-                os.close(file_fd)
-                suspects.add(name)
-                continue
-        item = _PlainFile(run.run_id, aid, name, size, sha, st, fresh, suspects)
-        if hasher.pool is None or size < _INLINE_BELOW:
-            # A small file costs less to hash than to hand to a thread (which also needs the
-            # GIL back to start); only large reads, where hashlib lets go of the GIL, go there.
-            held.append((item, hasher.hash(file_fd, item)))
-        else:
-            hasher.submit(file_fd, item, where + b"/" + os.fsencode(base))
 
 
 class _PlainHasher:
