@@ -266,8 +266,10 @@ class Store:
         ids = [_bind(r) for r in run_ids]
         if not ids:
             return "", []
-        marks = ",".join("CAST(? AS TEXT)" for _ in ids)
-        return f" WHERE {alias}.run_id IN ({marks})", ids
+        # Each id in both forms: a foreign writer may have stored run ids as BLOBs, which
+        # never equal TEXT (the index serves both).
+        marks = ",".join("CAST(? AS TEXT), CAST(? AS BLOB)" for _ in ids)
+        return f" WHERE {alias}.run_id IN ({marks})", [b for i in ids for b in (i, i)]
 
     def totals(self, run_ids: Iterable[str] = ()) -> tuple[int, int]:
         """(row count, sum of recorded sizes)."""
@@ -283,7 +285,7 @@ class Store:
             sql = (
                 "SELECT a.id, a.run_id, a.name, a.path, a.size, a.hash, a.created_at,"
                 f" r.id IS NOT NULL, {status}"
-                f" FROM artifacts a LEFT JOIN runs r ON r.id = a.run_id{where}"
+                f" FROM artifacts a LEFT JOIN runs r ON r.id = CAST(a.run_id AS TEXT){where}"
             )
         else:
             sql = (
@@ -302,7 +304,11 @@ class Store:
         """(run_id, number of artifact rows) for every run that has rows, by run_id."""
         where, args = self._run_filter(run_ids)
         sql = f"SELECT a.run_id, count(*) FROM artifacts a{where} GROUP BY a.run_id ORDER BY 1"
-        return self._guard(lambda: [(str(r), n) for r, n in self.conn.execute(sql, args)])
+        counts: dict[str, int] = {}
+        for r, n in self._guard(self._fetchall, sql, args):
+            run_id = _as_text(r)  # a BLOB id and its TEXT twin are one run
+            counts[run_id] = counts.get(run_id, 0) + n
+        return sorted(counts.items())
 
     def iter_row_paths(self, run_ids: Iterable[str]) -> Iterator[tuple[str, str, str, str]]:
         """(id, run_id, name, path) of these runs' rows: the lean read `orphans` needs."""

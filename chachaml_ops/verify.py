@@ -16,7 +16,7 @@ import signal
 import stat
 import time
 import zlib
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -696,7 +696,11 @@ def _check_plain_runs(
     known = store.known_runs(batch.runs) if store.has_runs else None
     plain: dict[str, _PlainRun] = {}
     hashing = opts.rows and opts.hash
-    for agg in store.run_aggregates(batch.runs, ids=hashing, detail=opts.rows):
+    aggregates = store.run_aggregates(batch.runs, ids=hashing, detail=opts.rows)
+    groups = Counter(agg.run_id for agg in aggregates)
+    for agg in aggregates:
+        if groups[agg.run_id] > 1:  # the id stored both as TEXT and as a BLOB: per-row path
+            continue
         run = _plain_run(agg, known, opts.rows, hashing, len(ctx.tree.root_b))
         if run is not None:
             plain[run.run_id] = run

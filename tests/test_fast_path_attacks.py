@@ -328,16 +328,33 @@ def test_a_blob_run_id_rows_file_is_never_an_orphan(store_factory, mode):
         assert ("orphan_file", "rb/a.bin") not in [f[:2] for f in findings]
 
 
-@pytest.mark.xfail(
-    reason="known limitation, both paths: rows whose run_id is a BLOB are not selected by run,"
-    " so their files are not verified (chachaml itself stores TEXT)",
-    strict=True,
-)
 @pytest.mark.parametrize("fast_path", [True, False])
 def test_a_blob_run_id_row_is_verified(store_factory, fast_path):
+    """Every row is checked, whatever storage class its run_id has, and its run (a TEXT id in
+    `runs`) is known."""
     store, rows = _blob_run_store(store_factory)
-    _, stats = _outcome(store, fast_path=fast_path, **FULL)
-    assert stats["rows"] == rows
+    findings, stats = _outcome(store, fast_path=fast_path, **FULL)
+    assert stats["rows"] == rows and stats["files_hashed"] == rows
+    assert findings == []
+
+
+def test_a_run_id_stored_as_text_and_as_a_blob_is_one_run(store_factory):
+    """Rows of one run, some with the id as TEXT and some as a BLOB: one run, every row
+    checked, the same on both paths (the fast path leaves such a run to the per-row one)."""
+    store = store_factory(())
+    conn = _connect(store)
+    run = _run(conn, store.artifact_dir, "mixed")
+    for name in ("t.bin", "b.bin"):
+        _add(conn, "mixed", name, name.encode())
+        _file(run, name, name.encode())
+    conn.execute("UPDATE artifacts SET run_id = CAST(run_id AS BLOB) WHERE name = 'b.bin'")
+    rows = conn.execute("SELECT count(*) FROM artifacts").fetchone()[0]
+    conn.close()
+    for kw in (FULL, QUICK, ORPHANS):
+        fast, slow = _both(store, **kw)
+        assert fast == slow and fast[0] == []
+        if kw is not ORPHANS:
+            assert fast[1]["rows"] == rows
 
 
 @pytest.mark.parametrize("fast_path", [True, False])
