@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -17,11 +16,7 @@ from chachaml_ops.store import Store
 from chachaml_ops.verify import CheckOptions, run_check
 from tests.conftest import NOW
 from tests.test_fast_path import _add, _file, _run
-
-
-def _connect(store) -> sqlite3.Connection:
-    return sqlite3.connect(store.db, isolation_level=None)
-
+from tests.test_fast_path_attacks import _connect
 
 # -- signals via the real CLI -------------------------------------------------------------
 
